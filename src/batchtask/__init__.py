@@ -1,0 +1,40 @@
+"""Worker-side batching for taskiq, typed end to end.
+
+>>> @batch_task(broker, batch_size=100, batch_timeout=2.0)
+... async def save(rows: list[Row], table: str) -> None: ...
+>>> await save.kiq(row, "events")  # one item per kiq
+
+The worker calls ``save`` once per group of up to 100 rows that share the same
+extra arguments, at the latest 2 seconds after the group's first row.
+"""
+
+from batchtask._batcher import FlushReason
+from batchtask._config import BatchConfig, ResultsMode
+from batchtask._errors import (
+    BatchArgumentError,
+    BatchCallError,
+    BatchConfigError,
+    BatchResultError,
+    BatchTaskError,
+    ItemValidationError,
+    PartialFailure,
+)
+from batchtask._lifecycle import flush_all
+from batchtask._task import BatchKicker, BatchTask, batch_task
+
+__all__ = [
+    "BatchArgumentError",
+    "BatchCallError",
+    "BatchConfig",
+    "BatchConfigError",
+    "BatchKicker",
+    "BatchResultError",
+    "BatchTask",
+    "BatchTaskError",
+    "FlushReason",
+    "ItemValidationError",
+    "PartialFailure",
+    "ResultsMode",
+    "batch_task",
+    "flush_all",
+]

@@ -1,0 +1,76 @@
+"""The exceptions batchtask raises, and `PartialFailure`, which user code raises.
+
+Every message says what was wrong, with which value, and how to fix it.
+The errors are taskiq errors, so code that catches `TaskiqError` sees them too.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from taskiq.exceptions import TaskiqError
+
+
+class BatchTaskError(TaskiqError):
+    """Base class of every error batchtask raises."""
+
+    __template__ = "{message}"
+    message: str
+
+
+class BatchConfigError(BatchTaskError):
+    """A batch task was declared with settings or a function it cannot run.
+
+    Raised when the decorator runs, never later.
+    """
+
+
+class BatchArgumentError(BatchTaskError):
+    """One item's arguments do not fit the task's signature.
+
+    Raised by `kiq` on the producer, and on the worker for a message that was
+    built without `kiq`; only that item fails.
+    """
+
+
+class ItemValidationError(BatchTaskError):
+    """One item does not match the item annotation; only that item fails."""
+
+
+class BatchResultError(BatchTaskError):
+    """A call's return value (or `PartialFailure`) does not fit its batch.
+
+    Every item of that call fails with it.
+    """
+
+
+class BatchCallError(BatchTaskError):
+    """The batch function raised a `BaseException` that is not an `Exception`.
+
+    The original (for example an `asyncio.CancelledError` raised inside the
+    function) is the `__cause__`; items carry this error instead, so taskiq
+    does not mistake it for cancelling the worker.
+    """
+
+
+class PartialFailure(Exception):  # noqa: N818 (named for what it is, like StopIteration)
+    """Raise from a batch function to fail some items and give the rest results.
+
+    `errors` maps an item's index in the batch to the exception that item
+    fails with. `results` is what the other items get: in `results="shared"`
+    mode one value stored for each of them, in `results="per_item"` mode a
+    sequence with one element per item of the batch (elements at failed
+    indexes are ignored).
+
+    >>> raise PartialFailure({3: ValueError("bad row")}, results=[...])
+    """
+
+    def __init__(
+        self,
+        errors: Mapping[int, BaseException],
+        results: Any = None,
+    ) -> None:
+        """Fail the items at the indexes in `errors`; the others get `results`."""
+        self.errors: dict[int, BaseException] = dict(errors)
+        self.results: Any = results
+        indexes = ", ".join(str(index) for index in sorted(self.errors))
+        super().__init__(f"{len(self.errors)} item(s) failed: index {indexes}")

@@ -1,0 +1,161 @@
+"""Where batchers live, and how the worker's life reaches them.
+
+Each batch task gets one `Batcher` per event loop, created on its first
+message and listed here under that loop with the task's broker, so that:
+
+- a graceful worker shutdown flushes every buffer at once. The worker's
+  SIGINT/SIGTERM/SIGHUP handlers (installed by ``taskiq worker``) are chained
+  at ``WORKER_STARTUP``: on the signal, taskiq's own handler runs as before and
+  every batcher on the worker's loop is closed, so buffered items run now
+  instead of after ``batch_timeout``. ``WORKER_SHUTDOWN`` drains whatever is
+  left;
+- `flush_all` can run everything buffered right away, for tests.
+"""
+
+import asyncio
+import signal
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TypeVar
+
+from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
+
+from batchtask._batcher import Batcher, Eagerness, FlushReason, RunBatch
+
+V = TypeVar("V")
+R = TypeVar("R")
+
+_SHUTDOWN_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@dataclass(eq=False)
+class _LoopBatchers:
+    """The batchers living on one event loop, with the broker of each."""
+
+    eagerness: Eagerness = field(default_factory=Eagerness)
+    members: list[tuple[AsyncBroker, Batcher[Any, Any]]] = field(
+        default_factory=lambda: []
+    )
+
+    def of(self, broker: AsyncBroker | None = None) -> list[Batcher[Any, Any]]:
+        return [b for owner, b in self.members if broker is None or owner is broker]
+
+
+_loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatchers]" = (
+    weakref.WeakKeyDictionary()
+)
+_watched_brokers: "weakref.WeakSet[AsyncBroker]" = weakref.WeakSet()
+_chained_signals: set[int] = set()
+
+
+def _here(loop: asyncio.AbstractEventLoop | None = None) -> _LoopBatchers:
+    loop = loop or asyncio.get_running_loop()
+    found = _loops.get(loop)
+    if found is None:
+        found = _loops[loop] = _LoopBatchers()
+    return found
+
+
+def new_batcher(
+    broker: AsyncBroker,
+    run: RunBatch[V, R],
+    *,
+    name: str,
+    batch_size: int,
+    batch_timeout: float,
+) -> Batcher[V, R]:
+    """Create a task's batcher for the running loop and list it there."""
+    here = _here()
+    batcher = Batcher(
+        run,
+        name=name,
+        batch_size=batch_size,
+        batch_timeout=batch_timeout,
+        eagerness=here.eagerness,
+    )
+    here.members.append((broker, batcher))
+    return batcher
+
+
+def close_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Flush every buffer on `loop` now and stop waiting for timers there."""
+    for batcher in _here(loop).of():
+        batcher.close()
+
+
+def watch(broker: AsyncBroker) -> None:
+    """Hook a broker's worker start and stop once, however many tasks it has."""
+    if broker in _watched_brokers:
+        return
+    _watched_brokers.add(broker)
+    broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _make_startup(broker))
+    broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _make_shutdown(broker))
+
+
+def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
+    def on_worker_startup(_: TaskiqState) -> None:
+        for batcher in _here().of(broker):
+            batcher.open()
+        if broker.is_worker_process and threading.current_thread() is threading.main_thread():
+            _chain_shutdown_signals(asyncio.get_running_loop())
+
+    return on_worker_startup
+
+
+def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
+    async def on_worker_shutdown(_: TaskiqState) -> None:
+        for batcher in _here().of(broker):
+            await batcher.drain()
+
+    return on_worker_shutdown
+
+
+def _chain_shutdown_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Make the worker's shutdown signals also close this loop's batchers."""
+    for signum in _SHUTDOWN_SIGNALS:
+        if signum in _chained_signals:
+            continue
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            # No Python handler to keep: the signal keeps its default meaning.
+            continue
+
+        def handler(
+            signum: int,
+            frame: FrameType | None,
+            previous: Callable[[int, FrameType | None], Any] = previous,
+        ) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(close_all, loop)
+            previous(signum, frame)
+
+        signal.signal(signum, handler)
+        _chained_signals.add(signum)
+
+
+async def flush_all(broker: AsyncBroker | None = None) -> None:
+    """Run every buffered batch now and wait until those calls have finished.
+
+    Meant for tests: instead of waiting ``batch_timeout`` for partly filled
+    batches, ``await flush_all(broker)`` after kicking. While it runs, batches
+    are called on the next loop turn instead of waiting for their timer. With
+    an `InMemoryBroker` it also waits for every message already kicked (like
+    ``broker.wait_all()``), so their items are flushed and their results stored
+    when it returns.
+    """
+    here = _here()
+    here.eagerness.level += 1
+    try:
+        for batcher in here.of():
+            batcher.flush(FlushReason.MANUAL)
+        if isinstance(broker, InMemoryBroker):
+            await broker.wait_all()
+        for batcher in here.of():
+            await batcher.wait_idle()
+    finally:
+        here.eagerness.level -= 1

@@ -1,0 +1,143 @@
+"""Turns one batch's call (or calls, when bisecting) into one outcome per item.
+
+- ``results="shared"``: every item gets the call's return value.
+- ``results="per_item"``: the call returns one value per item, in order; any
+  other length fails every item of that call with `BatchResultError`.
+- A raised exception fails every item of the call, unless bisecting, which
+  calls each half again until the failing items are alone.
+- `PartialFailure` fails the items it names and gives the others their results.
+- A `BaseException` that is not an `Exception` (say an `asyncio.CancelledError`
+  raised inside the function) fails the items with `BatchCallError`; only a
+  cancellation of the batch itself propagates.
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from batchtask._config import ResultsMode
+from batchtask._errors import BatchCallError, BatchResultError, PartialFailure
+
+
+class Outcome(NamedTuple):
+    """What one item ends with: an error, or else a value."""
+
+    error: BaseException | None
+    value: Any = None
+
+
+Call = Callable[[list[Any]], Awaitable[Any]]
+
+
+async def settle(
+    items: Sequence[Any],
+    call: Call,
+    *,
+    task_name: str,
+    results: ResultsMode,
+    bisect: bool,
+) -> list[Outcome]:
+    """Call `call` on `items` (in halves when bisecting) and return one outcome each."""
+    outcomes: list[Outcome] = [Outcome(None)] * len(items)
+
+    async def attempt(start: int, stop: int) -> None:
+        chunk = list(items[start:stop])
+        try:
+            returned = await call(chunk)
+        except PartialFailure as partial:
+            outcomes[start:stop] = _partial(partial, len(chunk), task_name, results)
+            return
+        except Exception as exc:
+            error: BaseException = exc
+        except BaseException as exc:
+            current = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and (
+                current is not None and current.cancelling()
+            ):
+                raise
+            error = BatchCallError(
+                message=(
+                    f"batch task {task_name!r}: the function raised "
+                    f"{type(exc).__name__} ({exc!r}), which is not an Exception; "
+                    f"failing the {len(chunk)} item(s) of this call"
+                ),
+            )
+            error.__cause__ = exc
+        else:
+            outcomes[start:stop] = _returned(returned, len(chunk), task_name, results)
+            return
+        if bisect and stop - start > 1:
+            middle = (start + stop) // 2
+            await attempt(start, middle)
+            await attempt(middle, stop)
+        else:
+            outcomes[start:stop] = [Outcome(error)] * len(chunk)
+
+    if items:
+        await attempt(0, len(items))
+    return outcomes
+
+
+def _returned(returned: Any, size: int, task_name: str, results: ResultsMode) -> list[Outcome]:
+    if results == "shared":
+        return [Outcome(None, returned)] * size
+    values = _per_item_values(returned)
+    if values is None or len(values) != size:
+        found = (
+            f"a {type(returned).__name__}"
+            if values is None
+            else f"{len(values)} result(s)"
+        )
+        error = BatchResultError(
+            message=(
+                f"batch task {task_name!r} has results='per_item' and got {size} "
+                f"item(s), but the function returned {found}. Fix: return a list "
+                "with exactly one result per item, in the order of the items"
+            ),
+        )
+        return [Outcome(error)] * size
+    return [Outcome(None, value) for value in values]
+
+
+def _partial(
+    partial: PartialFailure,
+    size: int,
+    task_name: str,
+    results: ResultsMode,
+) -> list[Outcome]:
+    errors: Mapping[int, BaseException] = partial.errors
+    bad = [
+        index
+        for index in errors
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size
+    ]
+    invalid: str | None = None
+    if bad:
+        invalid = (
+            f"PartialFailure names index(es) {bad!r}, but the call got {size} item(s) "
+            f"(valid indexes are 0..{size - 1})"
+        )
+    elif not all(isinstance(error, BaseException) for error in errors.values()):
+        invalid = "PartialFailure maps an index to something that is not an exception"
+    if invalid is not None:
+        error = BatchResultError(message=f"batch task {task_name!r}: {invalid}")
+        error.__cause__ = partial
+        return [Outcome(error)] * size
+    if results == "shared":
+        successes = [Outcome(None, partial.results)] * size
+    else:
+        successes = _returned(partial.results, size, task_name, results)
+    return [
+        Outcome(errors[index]) if index in errors else successes[index]
+        for index in range(size)
+    ]
+
+
+def _per_item_values(returned: Any) -> Sequence[Any] | None:
+    if isinstance(returned, (str, bytes, bytearray, Mapping)):
+        return None
+    if isinstance(returned, Sequence):
+        return returned  # pyright: ignore[reportUnknownVariableType]
+    if isinstance(returned, Iterable):
+        return list(returned)  # pyright: ignore[reportUnknownArgumentType]
+    return None

@@ -1,0 +1,309 @@
+"""What one message's arguments mean for a batch function.
+
+A batch function looks like ``f(items: list[Item], *rest, *injected)``:
+
+- the *item* parameter is the first one; each message carries one item;
+- the *extra* parameters (``rest``) are sent with every item; items whose
+  extra arguments are equal (after binding, defaults applied) share a batch;
+- the *injected* parameters are taskiq dependencies (``TaskiqDepends``
+  defaults or ``Annotated[..., TaskiqDepends()]``); taskiq resolves them per
+  message on the worker and they never take part in grouping.
+
+`BatchSignature.of` does all the inspection once, when the task is declared;
+`bind` and `validate_item` are the per-message work and stay cheap.
+"""
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from taskiq_dependencies.dependency import Dependency
+
+from batchtask._errors import BatchArgumentError, BatchConfigError, ItemValidationError
+
+_P = inspect.Parameter
+_POSITIONAL = (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
+_MISSING: Any = _P.empty
+
+GroupKey = Hashable
+
+
+class BoundItem(NamedTuple):
+    """One message's arguments, split the way a batch call needs them."""
+
+    item: Any
+    args: tuple[Any, ...]
+    """Extra positional arguments, passed after the list of items."""
+    kwargs: dict[str, Any]
+    """Extra keyword arguments (keyword-only and ``**kwargs`` parameters)."""
+    injected: dict[str, Any]
+    """Dependencies taskiq resolved for this message, by parameter name."""
+    key: GroupKey
+    """Equal for items whose extra arguments are equal: they share a batch."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchSignature:
+    """The parameters of one batch function, split once at registration."""
+
+    task_name: str
+    item_name: str
+    item_type: Any
+    """The element type of the item list, or `Any` when it says nothing."""
+    positional: tuple[str, ...]
+    """Extra parameters that can be passed by position, in order."""
+    positional_only: frozenset[str]
+    var_positional: str | None
+    keyword_only: tuple[str, ...]
+    var_keyword: str | None
+    defaults: Mapping[str, Any]
+    injected: tuple[str, ...]
+    entry_signature: inspect.Signature
+    """The per-message signature taskiq sees: ``(item, *rest, *injected)``."""
+    entry_annotations: Mapping[str, Any]
+    """Annotations of the extra and injected parameters, as taskiq resolves them."""
+    _item_adapter: TypeAdapter[Any] | None
+
+    @classmethod
+    def of(cls, func: Callable[..., Any], task_name: str) -> "BatchSignature":
+        """Split `func`'s parameters; raise `BatchConfigError` if it cannot batch."""
+        try:
+            signature = inspect.signature(func)
+            hints = typing.get_type_hints(func, include_extras=True)
+        except (NameError, TypeError, ValueError) as exc:
+            raise _config_error(
+                task_name,
+                f"its signature or annotations cannot be resolved ({exc})",
+                "make every annotation importable at module level",
+            ) from exc
+        params = list(signature.parameters.values())
+        if not params or params[0].kind not in _POSITIONAL:
+            raise _config_error(
+                task_name,
+                "it has no positional first parameter to receive the list of items",
+                "declare the items first, e.g. "
+                f"def {_func_name(func)}(items: list[Item], ...)",
+            )
+        first = params[0]
+        item_type = _item_type(task_name, func, first, hints.get(first.name))
+        rest = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params[1:]]
+        injected = tuple(p.name for p in rest if _is_injected(p))
+        extra = [p for p in rest if p.name not in injected]
+
+        item_param = _P(first.name, first.kind)
+        entry_signature = signature.replace(
+            parameters=[item_param, *rest],
+            return_annotation=_MISSING,
+        )
+        entry_annotations = {
+            p.name: _strip_annotated(p.annotation)
+            for p in rest
+            if p.annotation is not _MISSING
+        }
+        return cls(
+            task_name=task_name,
+            item_name=first.name,
+            item_type=item_type,
+            positional=tuple(p.name for p in extra if p.kind in _POSITIONAL),
+            positional_only=frozenset(p.name for p in extra if p.kind is _P.POSITIONAL_ONLY)
+            | ({first.name} if first.kind is _P.POSITIONAL_ONLY else frozenset()),
+            var_positional=next(
+                (p.name for p in extra if p.kind is _P.VAR_POSITIONAL), None
+            ),
+            keyword_only=tuple(p.name for p in extra if p.kind is _P.KEYWORD_ONLY),
+            var_keyword=next((p.name for p in extra if p.kind is _P.VAR_KEYWORD), None),
+            defaults={p.name: p.default for p in extra if p.default is not _MISSING},
+            injected=injected,
+            entry_signature=entry_signature,
+            entry_annotations=entry_annotations,
+            _item_adapter=None if item_type is Any else TypeAdapter(item_type),
+        )
+
+    def bind(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        worker: bool,
+    ) -> BoundItem:
+        """Bind one message's arguments like a call of the batch function would.
+
+        On the worker, `kwargs` also holds the dependencies taskiq resolved;
+        on the producer (``worker=False``) passing one of them is an error.
+        Raises `BatchArgumentError` naming the task and the offending argument.
+        """
+        kwargs = dict(kwargs)
+        injected: dict[str, Any] = {}
+        for name in self.injected:
+            if name in kwargs:
+                if not worker:
+                    raise self._arg_error(
+                        f"parameter {name!r} is injected by taskiq on the worker "
+                        "(TaskiqDepends); do not pass it"
+                    )
+                injected[name] = kwargs.pop(name)
+
+        if args:
+            item, args = args[0], args[1:]
+            if self.item_name in kwargs and self.item_name not in self.positional_only:
+                raise self._arg_error(f"got multiple values for the item {self.item_name!r}")
+        elif self.item_name in kwargs and self.item_name not in self.positional_only:
+            item = kwargs.pop(self.item_name)
+        else:
+            raise self._arg_error(
+                f"missing the item: pass one {self.item_name} element as the "
+                "first argument"
+            )
+
+        positional = self.positional
+        if len(args) > len(positional) and self.var_positional is None:
+            raise self._arg_error(
+                f"takes {len(positional)} extra positional argument(s) after the "
+                f"item but {len(args)} were given"
+            )
+        values: dict[str, Any] = dict(zip(positional, args))
+        star_args: tuple[Any, ...] = args[len(positional) :]
+        star_kwargs: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if name in values:
+                raise self._arg_error(f"got multiple values for argument {name!r}")
+            if (name in positional and name not in self.positional_only) or (
+                name in self.keyword_only
+            ):
+                values[name] = value
+            elif self.var_keyword is not None:
+                star_kwargs[name] = value
+            else:
+                raise self._arg_error(f"got an unexpected keyword argument {name!r}")
+
+        call_args: list[Any] = []
+        for name in positional:
+            call_args.append(self._value(values, name))
+        call_args.extend(star_args)
+        call_kwargs = {name: self._value(values, name) for name in self.keyword_only}
+        call_kwargs.update(star_kwargs)
+        key = (freeze(tuple(call_args)), freeze(call_kwargs))
+        return BoundItem(item, tuple(call_args), call_kwargs, injected, key)
+
+    def validate_item(self, value: Any) -> Any:
+        """Validate and convert one item; raise `ItemValidationError` if it is bad."""
+        adapter = self._item_adapter
+        if adapter is None:
+            return value
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_location(error['loc'])}{error['msg']}" for error in exc.errors()
+            )
+            raise ItemValidationError(
+                message=(
+                    f"batch task {self.task_name!r}: item {value!r} for parameter "
+                    f"{self.item_name!r} is not a valid "
+                    f"{_type_name(self.item_type)}: {problems}"
+                ),
+            ) from exc
+
+    def _value(self, values: dict[str, Any], name: str) -> Any:
+        if name in values:
+            return values[name]
+        default = self.defaults.get(name, _MISSING)
+        if default is _MISSING:
+            raise self._arg_error(f"missing required argument {name!r}")
+        return default
+
+    def _arg_error(self, problem: str) -> BatchArgumentError:
+        return BatchArgumentError(message=f"batch task {self.task_name!r}: {problem}")
+
+
+def freeze(value: Any) -> Hashable:
+    """A hashable stand-in for `value` that is equal exactly when values are.
+
+    Types are kept apart (``1``, ``1.0`` and ``True`` do not group together);
+    dicts, lists, sets, pydantic models and dataclasses group by value;
+    any other unhashable object groups by its ``repr``.
+    """
+    kind = type(value)
+    if kind is str or value is None:
+        return value
+    if kind is int or kind is float or kind is bool or kind is bytes:
+        return (kind, value)
+    if kind is tuple or kind is list:
+        return (kind, tuple(freeze(element) for element in value))
+    if isinstance(value, dict):
+        return (kind, frozenset((freeze(k), freeze(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (kind, frozenset(freeze(element) for element in value))
+    if isinstance(value, BaseModel):
+        return (kind, freeze(value.model_dump()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return (kind, tuple(freeze(getattr(value, field.name)) for field in fields))
+    try:
+        hash(value)
+    except TypeError:
+        return (kind, repr(value))
+    return (kind, value)
+
+
+def _item_type(
+    task_name: str,
+    func: Callable[..., Any],
+    first: inspect.Parameter,
+    annotation: Any,
+) -> Any:
+    """The element type of the first parameter's `list[...]` annotation."""
+    if annotation is None:
+        return Any
+    annotation = _strip_annotated(annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is list or annotation is typing.List:  # noqa: UP006
+        return Any
+    if origin is list:
+        (element,) = typing.get_args(annotation)
+        if isinstance(element, TypeVar):
+            return Any
+        return element
+    raise _config_error(
+        task_name,
+        f"its first parameter {first.name!r} is annotated {_type_name(annotation)}, "
+        "not a list of items",
+        f"annotate it as a list, e.g. {first.name}: list[{_type_name(annotation)}], "
+        "and send one element per kiq",
+    )
+
+
+def _is_injected(param: inspect.Parameter) -> bool:
+    if isinstance(param.default, Dependency):
+        return True
+    return any(isinstance(meta, Dependency) for meta in getattr(param.annotation, "__metadata__", ()))
+
+
+def _strip_annotated(annotation: Any) -> Any:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not isinstance(annotation, types.GenericAlias):
+        return annotation.__qualname__
+    return repr(annotation).replace("typing.", "")
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return f"{'.'.join(map(str, loc))}: " if loc else ""
+
+
+def _func_name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", "batch")
+
+
+def _config_error(task_name: str, problem: str, fix: str) -> BatchConfigError:
+    return BatchConfigError(
+        message=f"batch task {task_name!r} cannot batch: {problem}. Fix: {fix}.",
+    )

@@ -1,0 +1,437 @@
+"""The `batch_task` decorator and the task object it returns.
+
+The decorator registers an ordinary taskiq task, the *entry point*, whose
+signature is ``(item, *rest, *injected)``. taskiq's own receiver runs it once
+per message: it binds the arguments, validates the item, puts it in the batch
+of its group key and awaits that item's outcome. The batch run calls the user
+function once for the whole group and resolves every item's future. So the
+receiver stores each item's result under its own task id and acknowledges the
+message only after its batch ran, exactly as for any task.
+"""
+
+import asyncio
+import dataclasses
+import functools
+import inspect
+import logging
+import typing
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime, timedelta
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Generic,
+    Literal,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
+
+from taskiq import AsyncBroker, AsyncTaskiqTask, InMemoryBroker
+from taskiq.abc.schedule_source import ScheduleSource
+from taskiq.kicker import AsyncKicker
+from taskiq.message import TaskiqMessage
+from taskiq.result_backends.dummy import DummyResultBackend
+from taskiq.scheduler.created_schedule import CreatedSchedule
+
+from batchtask import _lifecycle
+from batchtask._batcher import Batch, Batcher
+from batchtask._config import BatchConfig, ResultsMode
+from batchtask._outcomes import settle
+from batchtask._signature import BatchSignature, BoundItem
+
+if TYPE_CHECKING:
+    from taskiq.scheduler.scheduled_task import CronSpec
+
+logger = logging.getLogger("batchtask")
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+CallT = TypeVar("CallT")
+P = ParamSpec("P")
+
+_Pending = tuple[Any, BoundItem]
+"""A buffered item: its validated value, and its message's bound arguments."""
+
+
+class BatchKicker(AsyncKicker[Concatenate[ItemT, P], ResultT]):
+    """taskiq's kicker for one item of a batch task.
+
+    It checks the arguments against the batch function's signature before
+    anything is sent, so a missing or unknown argument fails at ``kiq`` on
+    the producer, not later on the worker.
+    """
+
+    def __init__(
+        self,
+        task: "BatchTask[ItemT, P, ResultT, Any]",
+    ) -> None:
+        """Prepare a kicker for `task` with a copy of its labels."""
+        super().__init__(
+            task_name=task.task_name,
+            broker=task.broker,
+            labels=dict(task.labels),
+            return_type=task.return_type,
+        )
+        self._signature = task.signature
+
+    def _prepare_message(self, *args: Any, **kwargs: Any) -> TaskiqMessage:
+        self._signature.bind(args, kwargs, worker=False)
+        return super()._prepare_message(*args, **kwargs)
+
+
+class BatchTask(Generic[ItemT, P, ResultT, CallT]):
+    """A batch function, registered with taskiq as a task of one item.
+
+    - ``await task.kiq(item, *rest)`` sends one item; the worker calls the
+      function once per batch of items that share equal `rest`.
+    - ``task.kicker()`` gives taskiq's kicker (``with_labels``,
+      ``with_task_id``, ...) for one item.
+    - ``task.schedule_by_cron/interval/time(source, ..., item, *rest)``
+      schedules one item.
+    - ``task(items, *rest)`` calls the function directly with a list.
+    """
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        func: Callable[..., Any],
+        config: BatchConfig,
+        task_name: str | None,
+        labels: dict[str, Any],
+    ) -> None:
+        """Register `func` with `broker`; see `batch_task`."""
+        self.broker = broker
+        self.original_func = func
+        self.config = config
+        self.signature = BatchSignature.of(func, task_name or _default_task_name(func))
+        self._is_async = _is_async_callable(func)
+        self.return_type = _item_return_type(func, config.results)
+        self._batchers: dict[asyncio.AbstractEventLoop, Batcher[_Pending, Any]] = {}
+
+        registered = broker.register_task(
+            _entry_point(self, func),
+            task_name=task_name,
+            **labels,
+        )
+        self.task_name: str = registered.task_name
+        if self.signature.task_name != self.task_name:
+            self.signature = dataclasses.replace(self.signature, task_name=self.task_name)
+        self.labels: dict[str, Any] = registered.labels
+        _lifecycle.watch(broker)
+        _keep_inmemory_results(broker)
+        functools.update_wrapper(self, func)
+
+    def __call__(self, items: list[ItemT], *args: P.args, **kwargs: P.kwargs) -> CallT:
+        """Call the batch function directly with a list of items."""
+        return typing.cast(CallT, self.original_func(items, *args, **kwargs))
+
+    async def kiq(
+        self,
+        item: ItemT,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> AsyncTaskiqTask[ResultT]:
+        """Send one item; the returned task resolves to that item's result."""
+        return await self.kicker().kiq(item, *args, **kwargs)
+
+    def kicker(self) -> BatchKicker[ItemT, P, ResultT]:
+        """taskiq's kicker for one item: ``.with_labels(...)``, ``.with_task_id(...)``..."""
+        return BatchKicker(self)
+
+    async def schedule_by_cron(
+        self,
+        source: ScheduleSource,
+        cron: "str | CronSpec",
+        item: ItemT,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> CreatedSchedule[ResultT]:
+        """Schedule one item on a cron (see taskiq's ``schedule_by_cron``)."""
+        return await self.kicker().schedule_by_cron(source, cron, item, *args, **kwargs)
+
+    async def schedule_by_interval(
+        self,
+        source: ScheduleSource,
+        interval: int | timedelta,
+        item: ItemT,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> CreatedSchedule[ResultT]:
+        """Schedule one item at an interval (see taskiq's ``schedule_by_interval``)."""
+        return await self.kicker().schedule_by_interval(
+            source, interval, item, *args, **kwargs
+        )
+
+    async def schedule_by_time(
+        self,
+        source: ScheduleSource,
+        time: datetime,
+        item: ItemT,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> CreatedSchedule[ResultT]:
+        """Schedule one item at a time (see taskiq's ``schedule_by_time``)."""
+        return await self.kicker().schedule_by_time(source, time, item, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        """Show the task name and its batch settings."""
+        config = self.config
+        return (
+            f"BatchTask({self.task_name}, batch_size={config.batch_size}, "
+            f"batch_timeout={config.batch_timeout}, results={config.results!r})"
+        )
+
+    async def _run_item(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The entry point's body: one message in, that item's outcome out."""
+        bound = self.signature.bind(args, kwargs, worker=True)
+        item = self.signature.validate_item(bound.item)
+        batcher = self._batcher()
+        entry = batcher.submit(bound.key, (item, bound), flush_now=self._runs_in_place())
+        return await batcher.result(entry)
+
+    def _batcher(self) -> Batcher[_Pending, Any]:
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            for stale in [known for known in self._batchers if known.is_closed()]:
+                del self._batchers[stale]
+            batcher = self._batchers[loop] = _lifecycle.new_batcher(
+                self.broker,
+                self._run_batch,
+                name=self.task_name,
+                batch_size=self.config.batch_size,
+                batch_timeout=self.config.batch_timeout,
+            )
+        return batcher
+
+    def _runs_in_place(self) -> bool:
+        broker = self.broker
+        return isinstance(broker, InMemoryBroker) and broker.await_inplace
+
+    async def _run_batch(self, batch: Batch[_Pending, Any]) -> None:
+        live = [entry for entry in batch.entries if not entry.future.done()]
+        if not live:
+            return
+        leader = live[0].value[1]
+
+        async def call(items: list[Any]) -> Any:
+            return await self._call(items, leader)
+
+        outcomes = await settle(
+            [entry.value[0] for entry in live],
+            call,
+            task_name=self.task_name,
+            results=self.config.results,
+            bisect=self.config.bisect_on_error,
+        )
+        for entry, outcome in zip(live, outcomes, strict=True):
+            if entry.future.done():
+                continue
+            if outcome.error is None:
+                entry.future.set_result(outcome.value)
+            else:
+                entry.future.set_exception(outcome.error)
+
+    async def _call(self, items: list[Any], bound: BoundItem) -> Any:
+        func = self.original_func
+        if self._is_async:
+            returned = func(items, *bound.args, **bound.kwargs, **bound.injected)
+        else:
+            returned = await asyncio.to_thread(
+                func, items, *bound.args, **bound.kwargs, **bound.injected
+            )
+        if inspect.isawaitable(returned):
+            returned = await returned
+        return returned
+
+
+class _BatchDecorator(Generic[ResultT]):
+    """What ``batch_task(broker, ...)`` returns: apply it to the batch function."""
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        config: BatchConfig,
+        task_name: str | None,
+        labels: dict[str, Any],
+    ) -> None:
+        self._broker = broker
+        self._config = config
+        self._task_name = task_name
+        self._labels = labels
+
+    def _make(self, func: Callable[..., Any]) -> Any:
+        return BatchTask(self._broker, func, self._config, self._task_name, self._labels)
+
+
+class _SharedDecorator(_BatchDecorator[Any]):
+    @overload
+    def __call__(
+        self,
+        func: Callable[Concatenate[list[ItemT], P], Coroutine[Any, Any, ResultT]],
+    ) -> BatchTask[ItemT, P, ResultT, Coroutine[Any, Any, ResultT]]: ...
+
+    @overload
+    def __call__(
+        self,
+        func: Callable[Concatenate[list[ItemT], P], ResultT],
+    ) -> BatchTask[ItemT, P, ResultT, ResultT]: ...
+
+    def __call__(self, func: Callable[..., Any]) -> Any:
+        return self._make(func)
+
+
+class _PerItemDecorator(_BatchDecorator[Any]):
+    @overload
+    def __call__(
+        self,
+        func: Callable[Concatenate[list[ItemT], P], Coroutine[Any, Any, Sequence[ResultT]]],
+    ) -> BatchTask[ItemT, P, ResultT, Coroutine[Any, Any, Sequence[ResultT]]]: ...
+
+    @overload
+    def __call__(
+        self,
+        func: Callable[Concatenate[list[ItemT], P], Sequence[ResultT]],
+    ) -> BatchTask[ItemT, P, ResultT, Sequence[ResultT]]: ...
+
+    def __call__(self, func: Callable[..., Any]) -> Any:
+        return self._make(func)
+
+
+@overload
+def batch_task(
+    broker: AsyncBroker,
+    *,
+    batch_size: int,
+    batch_timeout: float,
+    results: Literal["shared"] = "shared",
+    bisect_on_error: bool = False,
+    task_name: str | None = None,
+    **labels: Any,
+) -> _SharedDecorator: ...
+
+
+@overload
+def batch_task(
+    broker: AsyncBroker,
+    *,
+    batch_size: int,
+    batch_timeout: float,
+    results: Literal["per_item"],
+    bisect_on_error: bool = False,
+    task_name: str | None = None,
+    **labels: Any,
+) -> _PerItemDecorator: ...
+
+
+def batch_task(
+    broker: AsyncBroker,
+    *,
+    batch_size: int,
+    batch_timeout: float,
+    results: ResultsMode = "shared",
+    bisect_on_error: bool = False,
+    task_name: str | None = None,
+    **labels: Any,
+) -> _SharedDecorator | _PerItemDecorator:
+    """Turn a function of a list of items into a taskiq task of one item.
+
+    ``@batch_task(broker, batch_size=100, batch_timeout=2.0)`` over
+    ``async def save(rows: list[Row], table: str) -> int`` gives a task whose
+    ``await save.kiq(row, "events")`` sends one row; the worker calls ``save``
+    once per group of up to `batch_size` rows with equal extra arguments, at
+    the latest `batch_timeout` seconds after the group's first row.
+
+    :param broker: the taskiq broker to register with.
+    :param batch_size: most items one call receives (int >= 1).
+    :param batch_timeout: seconds after a batch's first item at which it is
+        called however full it is (finite, > 0).
+    :param results: ``"shared"``: every item's result is the call's return
+        value; ``"per_item"``: the call returns one result per item, in order.
+    :param bisect_on_error: when a call raises, call each half again until the
+        failing items are isolated (the function must be safe to repeat).
+    :param task_name: taskiq task name; defaults to ``module:function``.
+    :param labels: taskiq labels, as for ``broker.task(...)``.
+    :raises BatchConfigError: on a bad setting or a function that cannot batch.
+    """
+    config = BatchConfig.checked(
+        task=task_name,
+        batch_size=batch_size,
+        batch_timeout=batch_timeout,
+        results=results,
+        bisect_on_error=bisect_on_error,
+    )
+    if config.results == "per_item":
+        return _PerItemDecorator(broker, config, task_name, labels)
+    return _SharedDecorator(broker, config, task_name, labels)
+
+
+def _entry_point(
+    task: BatchTask[Any, Any, Any, Any],
+    func: Callable[..., Any],
+) -> Callable[..., Awaitable[Any]]:
+    """The per-message function taskiq registers and its receiver calls."""
+    signature = task.signature
+
+    async def entry(*args: Any, **kwargs: Any) -> Any:
+        return await task._run_item(args, kwargs)  # noqa: SLF001 (our own task)
+
+    entry.__signature__ = signature.entry_signature  # type: ignore[attr-defined]
+    entry.__annotations__ = dict(signature.entry_annotations)
+    entry.__module__ = func.__module__
+    entry.__name__ = getattr(func, "__name__", "batch_task")
+    entry.__qualname__ = getattr(func, "__qualname__", entry.__name__)
+    entry.__doc__ = func.__doc__
+    return entry
+
+
+def _default_task_name(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}:{getattr(func, '__name__', 'batch_task')}"
+
+
+def _is_async_callable(func: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)
+    )
+
+
+def _item_return_type(func: Callable[..., Any], results: ResultsMode) -> Any:
+    """The type one item's result has, for taskiq to parse stored results."""
+    try:
+        returned = typing.get_type_hints(func).get("return")
+    except (NameError, TypeError):
+        return None
+    if returned is None or results == "shared":
+        return returned
+    if typing.get_origin(returned) in (list, Sequence, tuple):
+        element = typing.get_args(returned)
+        if len(element) == 1 or (len(element) == 2 and element[1] is Ellipsis):
+            return element[0]
+    return None
+
+
+def _keep_inmemory_results(broker: AsyncBroker) -> None:
+    """Lift InMemoryBroker's default cap of 100 stored results.
+
+    A batch stores up to `batch_size` results at once, so taskiq's default
+    in-memory cap evicts results before anyone reads them. The cap is lifted
+    only while it is taskiq's default (100); any other value is kept.
+    """
+    if not isinstance(broker, InMemoryBroker) or isinstance(
+        broker.result_backend, DummyResultBackend
+    ):
+        return
+    backend: Any = broker.result_backend
+    if getattr(backend, "max_stored_results", None) == _TASKIQ_DEFAULT_STORED_RESULTS:
+        backend.max_stored_results = -1
+        logger.info(
+            "batchtask: InMemoryBroker result cap lifted (taskiq's default of "
+            "%d stored results would evict batch results before they are read); "
+            "pass InMemoryBroker(max_stored_results=N) with N != 100 to keep a cap",
+            _TASKIQ_DEFAULT_STORED_RESULTS,
+        )
+
+
+_TASKIQ_DEFAULT_STORED_RESULTS = 100
