@@ -49,7 +49,7 @@ class FlushReason(enum.Enum):
     MANUAL = "manual"
     """`batchtask.flush_all()` asked for it."""
     IMMEDIATE = "immediate"
-    """The broker runs every message in place (``InMemoryBroker(await_inplace=True)``)."""
+    """Each message runs in place (``InMemoryBroker(await_inplace=True)``)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -84,8 +84,11 @@ RunBatch = Callable[[Batch[V, R]], Awaitable[None]]
 
 @dataclass(slots=True)
 class Eagerness:
-    """Shared by the batchers of one loop: while `level` > 0, new batches are
-    flushed on the next loop turn instead of waiting for their timer."""
+    """Shared by the batchers of one loop to skip timers while tests flush.
+
+    While `level` > 0, new batches are flushed on the next loop turn instead
+    of waiting for their timer.
+    """
 
     level: int = 0
 
@@ -127,7 +130,9 @@ class Batcher(Generic[V, R]):
         """Batches being called now."""
         return len(self._running)
 
-    def submit(self, key: Hashable, value: V, *, flush_now: bool = False) -> Entry[V, R]:
+    def submit(
+        self, key: Hashable, value: V, *, flush_now: bool = False
+    ) -> Entry[V, R]:
         """Add one item to the open batch of `key`; flush it if it is full."""
         batch = self._open.get(key)
         if batch is None:

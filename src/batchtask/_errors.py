@@ -5,7 +5,7 @@ The errors are taskiq errors, so code that catches `TaskiqError` sees them too.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from taskiq.exceptions import TaskiqError
 
@@ -52,7 +52,7 @@ class BatchCallError(BatchTaskError):
     """
 
 
-class PartialFailure(Exception):  # noqa: N818 (named for what it is, like StopIteration)
+class PartialFailure(Exception):
     """Raise from a batch function to fail some items and give the rest results.
 
     `errors` maps an item's index in the batch to the exception that item
@@ -70,6 +70,18 @@ class PartialFailure(Exception):  # noqa: N818 (named for what it is, like StopI
         results: Any = None,
     ) -> None:
         """Fail the items at the indexes in `errors`; the others get `results`."""
+        # Checked at run time: the mapping comes from user code.
+        for index, error in cast("Mapping[object, object]", errors).items():
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise TypeError(
+                    f"PartialFailure: index {index!r} is not an int; map each "
+                    "failed item's index in the batch to its exception"
+                )
+            if not isinstance(error, BaseException):
+                raise TypeError(
+                    f"PartialFailure: index {index} maps to {error!r}, which is "
+                    "not an exception"
+                )
         self.errors: dict[int, BaseException] = dict(errors)
         self.results: Any = results
         indexes = ", ".join(str(index) for index in sorted(self.errors))

@@ -29,7 +29,9 @@ V = TypeVar("V")
 R = TypeVar("R")
 
 _SHUTDOWN_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP")
+    if hasattr(signal, name)
 )
 
 
@@ -101,7 +103,10 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
     def on_worker_startup(_: TaskiqState) -> None:
         for batcher in _here().of(broker):
             batcher.open()
-        if broker.is_worker_process and threading.current_thread() is threading.main_thread():
+        if (
+            broker.is_worker_process
+            and threading.current_thread() is threading.main_thread()
+        ):
             _chain_shutdown_signals(asyncio.get_running_loop())
 
     return on_worker_startup

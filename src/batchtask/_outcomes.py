@@ -12,6 +12,7 @@
 """
 
 import asyncio
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -78,7 +79,9 @@ async def settle(
     return outcomes
 
 
-def _returned(returned: Any, size: int, task_name: str, results: ResultsMode) -> list[Outcome]:
+def _returned(
+    returned: Any, size: int, task_name: str, results: ResultsMode
+) -> list[Outcome]:
     if results == "shared":
         return [Outcome(None, returned)] * size
     values = _per_item_values(returned)
@@ -105,22 +108,16 @@ def _partial(
     task_name: str,
     results: ResultsMode,
 ) -> list[Outcome]:
-    errors: Mapping[int, BaseException] = partial.errors
-    bad = [
-        index
-        for index in errors
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size
-    ]
-    invalid: str | None = None
-    if bad:
-        invalid = (
-            f"PartialFailure names index(es) {bad!r}, but the call got {size} item(s) "
-            f"(valid indexes are 0..{size - 1})"
+    errors = partial.errors
+    outside = sorted(index for index in errors if not 0 <= index < size)
+    if outside:
+        error = BatchResultError(
+            message=(
+                f"batch task {task_name!r}: PartialFailure names index(es) "
+                f"{outside}, but the call got {size} item(s) (valid indexes are "
+                f"0..{size - 1})"
+            ),
         )
-    elif not all(isinstance(error, BaseException) for error in errors.values()):
-        invalid = "PartialFailure maps an index to something that is not an exception"
-    if invalid is not None:
-        error = BatchResultError(message=f"batch task {task_name!r}: {invalid}")
         error.__cause__ = partial
         return [Outcome(error)] * size
     if results == "shared":
@@ -133,11 +130,11 @@ def _partial(
     ]
 
 
-def _per_item_values(returned: Any) -> Sequence[Any] | None:
+def _per_item_values(returned: object) -> Sequence[object] | None:
     if isinstance(returned, (str, bytes, bytearray, Mapping)):
         return None
     if isinstance(returned, Sequence):
-        return returned  # pyright: ignore[reportUnknownVariableType]
+        return typing.cast("Sequence[object]", returned)
     if isinstance(returned, Iterable):
-        return list(returned)  # pyright: ignore[reportUnknownArgumentType]
+        return list(typing.cast("Iterable[object]", returned))
     return None

@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -56,6 +56,9 @@ class BatchSignature:
     """The element type of the item list, or `Any` when it says nothing."""
     positional: tuple[str, ...]
     """Extra parameters that can be passed by position, in order."""
+    positional_call: int
+    """How many of `positional` the call passes by position; the rest follow
+    an injected parameter and go by keyword."""
     positional_only: frozenset[str]
     var_positional: str | None
     keyword_only: tuple[str, ...]
@@ -90,10 +93,13 @@ class BatchSignature:
             )
         first = params[0]
         item_type = _item_type(task_name, func, first, hints.get(first.name))
-        rest = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params[1:]]
+        rest = [
+            p.replace(annotation=hints.get(p.name, p.annotation)) for p in params[1:]
+        ]
         injected = tuple(p.name for p in rest if _is_injected(p))
         extra = [p for p in rest if p.name not in injected]
 
+        positional_call = _positional_call(task_name, rest, injected)
         item_param = _P(first.name, first.kind)
         entry_signature = signature.replace(
             parameters=[item_param, *rest],
@@ -109,8 +115,10 @@ class BatchSignature:
             item_name=first.name,
             item_type=item_type,
             positional=tuple(p.name for p in extra if p.kind in _POSITIONAL),
-            positional_only=frozenset(p.name for p in extra if p.kind is _P.POSITIONAL_ONLY)
-            | ({first.name} if first.kind is _P.POSITIONAL_ONLY else frozenset()),
+            positional_call=positional_call,
+            positional_only=frozenset(
+                p.name for p in params if p.kind is _P.POSITIONAL_ONLY
+            ),
             var_positional=next(
                 (p.name for p in extra if p.kind is _P.VAR_POSITIONAL), None
             ),
@@ -150,7 +158,9 @@ class BatchSignature:
         if args:
             item, args = args[0], args[1:]
             if self.item_name in kwargs and self.item_name not in self.positional_only:
-                raise self._arg_error(f"got multiple values for the item {self.item_name!r}")
+                raise self._arg_error(
+                    f"got multiple values for the item {self.item_name!r}"
+                )
         elif self.item_name in kwargs and self.item_name not in self.positional_only:
             item = kwargs.pop(self.item_name)
         else:
@@ -165,7 +175,7 @@ class BatchSignature:
                 f"takes {len(positional)} extra positional argument(s) after the "
                 f"item but {len(args)} were given"
             )
-        values: dict[str, Any] = dict(zip(positional, args))
+        values: dict[str, Any] = dict(zip(positional, args, strict=False))
         star_args: tuple[Any, ...] = args[len(positional) :]
         star_kwargs: dict[str, Any] = {}
         for name, value in kwargs.items():
@@ -180,11 +190,13 @@ class BatchSignature:
             else:
                 raise self._arg_error(f"got an unexpected keyword argument {name!r}")
 
-        call_args: list[Any] = []
-        for name in positional:
-            call_args.append(self._value(values, name))
+        split = self.positional_call
+        call_args = [self._value(values, name) for name in positional[:split]]
         call_args.extend(star_args)
-        call_kwargs = {name: self._value(values, name) for name in self.keyword_only}
+        call_kwargs = {
+            name: self._value(values, name)
+            for name in (*positional[split:], *self.keyword_only)
+        }
         call_kwargs.update(star_kwargs)
         key = (freeze(tuple(call_args)), freeze(call_kwargs))
         return BoundItem(item, tuple(call_args), call_kwargs, injected, key)
@@ -220,7 +232,7 @@ class BatchSignature:
         return BatchArgumentError(message=f"batch task {self.task_name!r}: {problem}")
 
 
-def freeze(value: Any) -> Hashable:
+def freeze(value: object) -> Hashable:
     """A hashable stand-in for `value` that is equal exactly when values are.
 
     Types are kept apart (``1``, ``1.0`` and ``True`` do not group together);
@@ -228,16 +240,19 @@ def freeze(value: Any) -> Hashable:
     any other unhashable object groups by its ``repr``.
     """
     kind = type(value)
-    if kind is str or value is None:
+    if value is None or kind is str:
         return value
     if kind is int or kind is float or kind is bool or kind is bytes:
         return (kind, value)
     if kind is tuple or kind is list:
-        return (kind, tuple(freeze(element) for element in value))
+        elements = typing.cast("Iterable[object]", value)
+        return (kind, tuple(freeze(element) for element in elements))
     if isinstance(value, dict):
-        return (kind, frozenset((freeze(k), freeze(v)) for k, v in value.items()))
+        pairs = typing.cast("Mapping[object, object]", value).items()
+        return (kind, frozenset((freeze(k), freeze(v)) for k, v in pairs))
     if isinstance(value, (set, frozenset)):
-        return (kind, frozenset(freeze(element) for element in value))
+        elements = typing.cast("Iterable[object]", value)
+        return (kind, frozenset(freeze(element) for element in elements))
     if isinstance(value, BaseModel):
         return (kind, freeze(value.model_dump()))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -277,10 +292,40 @@ def _item_type(
     )
 
 
+def _positional_call(
+    task_name: str,
+    rest: list[inspect.Parameter],
+    injected: tuple[str, ...],
+) -> int:
+    """Count the extra parameters the call can pass by position.
+
+    An injected parameter is passed by keyword, so extra parameters after it
+    must be too; a ``*args`` after one cannot be passed at all.
+    """
+    count = 0
+    for param in rest:
+        if param.name in injected:
+            if param.kind in _POSITIONAL:
+                if any(p.kind is _P.VAR_POSITIONAL for p in rest):
+                    raise _config_error(
+                        task_name,
+                        f"the injected parameter {param.name!r} comes before "
+                        "*args, so the call could not pass both",
+                        f"make {param.name!r} keyword-only (after *args)",
+                    )
+                return count
+        elif param.kind in _POSITIONAL:
+            count += 1
+    return count
+
+
 def _is_injected(param: inspect.Parameter) -> bool:
     if isinstance(param.default, Dependency):
         return True
-    return any(isinstance(meta, Dependency) for meta in getattr(param.annotation, "__metadata__", ()))
+    return any(
+        isinstance(meta, Dependency)
+        for meta in getattr(param.annotation, "__metadata__", ())
+    )
 
 
 def _strip_annotated(annotation: Any) -> Any:

@@ -111,13 +111,15 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
         self._batchers: dict[asyncio.AbstractEventLoop, Batcher[_Pending, Any]] = {}
 
         registered = broker.register_task(
-            _entry_point(self, func),
+            self._entry_point(func),
             task_name=task_name,
             **labels,
         )
         self.task_name: str = registered.task_name
         if self.signature.task_name != self.task_name:
-            self.signature = dataclasses.replace(self.signature, task_name=self.task_name)
+            self.signature = dataclasses.replace(
+                self.signature, task_name=self.task_name
+            )
         self.labels: dict[str, Any] = registered.labels
         _lifecycle.watch(broker)
         _keep_inmemory_results(broker)
@@ -137,7 +139,7 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
         return await self.kicker().kiq(item, *args, **kwargs)
 
     def kicker(self) -> BatchKicker[ItemT, P, ResultT]:
-        """taskiq's kicker for one item: ``.with_labels(...)``, ``.with_task_id(...)``..."""
+        """Taskiq's kicker for one item (``with_labels``, ``with_task_id``, ...)."""
         return BatchKicker(self)
 
     async def schedule_by_cron(
@@ -183,12 +185,30 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
             f"batch_timeout={config.batch_timeout}, results={config.results!r})"
         )
 
+    def _entry_point(self, func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        """The per-message function taskiq registers and its receiver calls."""
+        signature = self.signature
+        run_item = self._run_item
+
+        async def entry(*args: Any, **kwargs: Any) -> Any:
+            return await run_item(args, kwargs)
+
+        entry.__signature__ = signature.entry_signature  # type: ignore[attr-defined]
+        entry.__annotations__ = dict(signature.entry_annotations)
+        entry.__module__ = func.__module__
+        entry.__name__ = getattr(func, "__name__", "batch_task")
+        entry.__qualname__ = getattr(func, "__qualname__", entry.__name__)
+        entry.__doc__ = func.__doc__
+        return entry
+
     async def _run_item(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The entry point's body: one message in, that item's outcome out."""
         bound = self.signature.bind(args, kwargs, worker=True)
         item = self.signature.validate_item(bound.item)
         batcher = self._batcher()
-        entry = batcher.submit(bound.key, (item, bound), flush_now=self._runs_in_place())
+        entry = batcher.submit(
+            bound.key, (item, bound), flush_now=self._runs_in_place()
+        )
         return await batcher.result(entry)
 
     def _batcher(self) -> Batcher[_Pending, Any]:
@@ -263,7 +283,9 @@ class _BatchDecorator(Generic[ResultT]):
         self._labels = labels
 
     def _make(self, func: Callable[..., Any]) -> Any:
-        return BatchTask(self._broker, func, self._config, self._task_name, self._labels)
+        return BatchTask[Any, ..., Any, Any](
+            self._broker, func, self._config, self._task_name, self._labels
+        )
 
 
 class _SharedDecorator(_BatchDecorator[Any]):
@@ -287,7 +309,9 @@ class _PerItemDecorator(_BatchDecorator[Any]):
     @overload
     def __call__(
         self,
-        func: Callable[Concatenate[list[ItemT], P], Coroutine[Any, Any, Sequence[ResultT]]],
+        func: Callable[
+            Concatenate[list[ItemT], P], Coroutine[Any, Any, Sequence[ResultT]]
+        ],
     ) -> BatchTask[ItemT, P, ResultT, Coroutine[Any, Any, Sequence[ResultT]]]: ...
 
     @overload
@@ -368,33 +392,13 @@ def batch_task(
     return _SharedDecorator(broker, config, task_name, labels)
 
 
-def _entry_point(
-    task: BatchTask[Any, Any, Any, Any],
-    func: Callable[..., Any],
-) -> Callable[..., Awaitable[Any]]:
-    """The per-message function taskiq registers and its receiver calls."""
-    signature = task.signature
-
-    async def entry(*args: Any, **kwargs: Any) -> Any:
-        return await task._run_item(args, kwargs)  # noqa: SLF001 (our own task)
-
-    entry.__signature__ = signature.entry_signature  # type: ignore[attr-defined]
-    entry.__annotations__ = dict(signature.entry_annotations)
-    entry.__module__ = func.__module__
-    entry.__name__ = getattr(func, "__name__", "batch_task")
-    entry.__qualname__ = getattr(func, "__qualname__", entry.__name__)
-    entry.__doc__ = func.__doc__
-    return entry
-
-
 def _default_task_name(func: Callable[..., Any]) -> str:
     return f"{func.__module__}:{getattr(func, '__name__', 'batch_task')}"
 
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "__call__", None)
-    )
+    call = type(func).__call__ if not inspect.isroutine(func) else None
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
 def _item_return_type(func: Callable[..., Any], results: ResultsMode) -> Any:
