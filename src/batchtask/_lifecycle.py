@@ -43,6 +43,8 @@ class _LoopBatchers:
     members: list[tuple[AsyncBroker, Batcher[Any, Any]]] = field(
         default_factory=lambda: []
     )
+    closed: "weakref.WeakSet[AsyncBroker]" = field(default_factory=weakref.WeakSet)
+    """Brokers whose worker is shutting down on this loop."""
 
     def of(self, broker: AsyncBroker | None = None) -> list[Batcher[Any, Any]]:
         return [b for owner, b in self.members if broker is None or owner is broker]
@@ -81,13 +83,18 @@ def new_batcher(
         eagerness=here.eagerness,
     )
     here.members.append((broker, batcher))
+    if broker in here.closed:
+        batcher.close()
     return batcher
 
 
 def close_all(loop: asyncio.AbstractEventLoop) -> None:
     """Flush every buffer on `loop` now and stop waiting for timers there."""
-    for batcher in _here(loop).of():
+    here = _here(loop)
+    for broker, batcher in here.members:
+        here.closed.add(broker)
         batcher.close()
+    here.closed.update(_watched_brokers)
 
 
 def watch(broker: AsyncBroker) -> None:
@@ -101,7 +108,9 @@ def watch(broker: AsyncBroker) -> None:
 
 def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
     def on_worker_startup(_: TaskiqState) -> None:
-        for batcher in _here().of(broker):
+        here = _here()
+        here.closed.discard(broker)
+        for batcher in here.of(broker):
             batcher.open()
         if (
             broker.is_worker_process
@@ -114,7 +123,9 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
 
 def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
     async def on_worker_shutdown(_: TaskiqState) -> None:
-        for batcher in _here().of(broker):
+        here = _here()
+        here.closed.add(broker)
+        for batcher in here.of(broker):
             await batcher.drain()
 
     return on_worker_shutdown

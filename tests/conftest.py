@@ -1,0 +1,41 @@
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from taskiq import InMemoryBroker
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def server_answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_server(name: str, port: int) -> None:
+    """Skip (on a user's machine) or fail (under CI=true) without the server."""
+    if server_answers(port):
+        return
+    reason = f"{name} is not answering on 127.0.0.1:{port}"
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must run every server test", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[InMemoryBroker]:
+    broker = InMemoryBroker()
+    await broker.startup()
+    yield broker
+    await asyncio.wait_for(broker.wait_all(), timeout=30)
+    await broker.shutdown()
+
+
+async def within(awaitable, seconds: float = 20):
+    """Await with a generous bound that only turns a hang into a failure."""
+    return await asyncio.wait_for(awaitable, timeout=seconds)
