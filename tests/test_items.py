@@ -165,5 +165,6 @@ async def test_unserializable_extra_arguments_fail_at_kiq_on_the_producer(
 
     with pytest.raises(SendTaskError) as raised:
         await save.kiq(1, object())
-    assert isinstance(raised.value.__cause__, TypeError)
-    assert "not JSON serializable" in str(raised.value.__cause__)
+    assert "Unable to serialize unknown type: <class 'object'>" in str(
+        raised.value.__cause__
+    )
