@@ -48,18 +48,25 @@ def test_bad_results_mode_is_rejected() -> None:
 
 def test_bad_bisect_flag_is_rejected() -> None:
     with pytest.raises(BatchConfigError, match="bisect_on_error='yes'"):
-        batch_task(InMemoryBroker(), batch_size=1, batch_timeout=1, bisect_on_error="yes")  # type: ignore[arg-type]  # the bad value is the point
+        batch_task(
+            InMemoryBroker(), batch_size=1, batch_timeout=1, bisect_on_error="yes"
+        )  # type: ignore[arg-type]  # the bad value is the point
 
 
 def test_config_error_is_a_taskiq_error_and_names_the_task() -> None:
     with pytest.raises(TaskiqError, match="batch task 'jobs:save'"):
-        batch_task(InMemoryBroker(), batch_size=0, batch_timeout=1, task_name="jobs:save")
+        batch_task(
+            InMemoryBroker(), batch_size=0, batch_timeout=1, task_name="jobs:save"
+        )
 
 
 def test_function_without_parameters_is_rejected() -> None:
     def nothing() -> None: ...
 
-    with pytest.raises(BatchConfigError, match="no positional first parameter.*Fix: declare the items first"):
+    with pytest.raises(
+        BatchConfigError,
+        match=r"no positional first parameter.*Fix: declare the items first",
+    ):
         batch_task(InMemoryBroker(), batch_size=2, batch_timeout=1)(nothing)  # type: ignore[call-overload]  # the missing list is the point
 
 
@@ -82,14 +89,20 @@ def test_first_parameter_that_is_not_positional_is_rejected(signature: str) -> N
 
 
 def test_injected_parameter_before_star_args_is_rejected() -> None:
-    def odd(items: list[int], dep: int = TaskiqDepends(lambda: 1), *rest: int) -> None: ...
+    def odd(
+        items: list[int], dep: int = TaskiqDepends(lambda: 1), *rest: int
+    ) -> None: ...
 
-    with pytest.raises(BatchConfigError, match="injected parameter 'dep' comes before \\*args"):
+    with pytest.raises(
+        BatchConfigError, match="injected parameter 'dep' comes before \\*args"
+    ):
         batch_task(InMemoryBroker(), batch_size=2, batch_timeout=1)(odd)
 
 
 @pytest.mark.parametrize("annotation", ["list[int]", "list", "'list[str]'", None])
-def test_list_or_unannotated_first_parameter_is_accepted(annotation: str | None) -> None:
+def test_list_or_unannotated_first_parameter_is_accepted(
+    annotation: str | None,
+) -> None:
     namespace: dict[str, Any] = {"__name__": __name__}
     header = f"items: {annotation}" if annotation else "items"
     exec(f"async def f({header}, table: str): return None", namespace)

@@ -50,7 +50,9 @@ async def test_a_partial_batch_is_called_batch_timeout_after_its_first_item(
     assert waited >= 0.3, "the timer starts at the first item and is not cut short"
 
 
-async def test_items_arriving_after_a_flush_start_a_new_batch(broker: InMemoryBroker) -> None:
+async def test_items_arriving_after_a_flush_start_a_new_batch(
+    broker: InMemoryBroker,
+) -> None:
     calls: list[list[int]] = []
 
     @batch_task(broker, batch_size=3, batch_timeout=0.2)

@@ -38,7 +38,10 @@ async def test_positional_and_keyword_extra_arguments_share_a_batch(
     await save.kiq("d", "events", upsert=True)
     await within(flush_all(broker))
 
-    assert sorted(calls) == [(["a", "b", "c"], "events", False), (["d"], "events", True)]
+    assert sorted(calls) == [
+        (["a", "b", "c"], "events", False),
+        (["d"], "events", True),
+    ]
 
 
 async def test_defaults_are_applied_before_grouping(broker: InMemoryBroker) -> None:
@@ -56,7 +59,9 @@ async def test_defaults_are_applied_before_grouping(broker: InMemoryBroker) -> N
     assert calls == [([1, 2, 3], 2)]
 
 
-async def test_unhashable_extra_arguments_group_by_value(broker: InMemoryBroker) -> None:
+async def test_unhashable_extra_arguments_group_by_value(
+    broker: InMemoryBroker,
+) -> None:
     calls: list[tuple[list[int], Any, Any, Any]] = []
 
     @batch_task(broker, batch_size=10, batch_timeout=5)

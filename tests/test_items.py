@@ -27,7 +27,9 @@ async def test_items_are_validated_and_converted_to_the_item_type(
 
     tasks = [await save.kiq(Row(id=i, name=f"r{i}"), "t") for i in range(3)]
     await within(flush_all(broker))
-    assert received == [[Row(id=0, name="r0"), Row(id=1, name="r1"), Row(id=2, name="r2")]]
+    assert received == [
+        [Row(id=0, name="r0"), Row(id=1, name="r1"), Row(id=2, name="r2")]
+    ]
     assert [(await t.get_result()).return_value for t in tasks] == [3, 3, 3]
 
 
@@ -84,7 +86,10 @@ async def test_a_bad_model_item_reports_the_field(broker: InMemoryBroker) -> Non
     ],
 )
 async def test_bad_arguments_fail_at_kiq_on_the_producer(
-    broker: InMemoryBroker, args: tuple[object, ...], kwargs: dict[str, object], problem: str
+    broker: InMemoryBroker,
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    problem: str,
 ) -> None:
     called = False
 
@@ -131,7 +136,9 @@ async def test_a_malformed_message_fails_alone_on_the_worker(
     assert not (await good.get_result()).is_err
 
 
-async def test_the_item_may_be_passed_by_its_parameter_name(broker: InMemoryBroker) -> None:
+async def test_the_item_may_be_passed_by_its_parameter_name(
+    broker: InMemoryBroker,
+) -> None:
     received: list[list[int]] = []
 
     @batch_task(broker, batch_size=10, batch_timeout=5)

@@ -5,7 +5,13 @@ import asyncio
 import pytest
 from taskiq import InMemoryBroker
 
-from batchtask import BatchCallError, BatchResultError, PartialFailure, batch_task, flush_all
+from batchtask import (
+    BatchCallError,
+    BatchResultError,
+    PartialFailure,
+    batch_task,
+    flush_all,
+)
 from tests.conftest import within
 
 
@@ -67,7 +73,9 @@ async def test_a_raising_call_fails_all_its_items_with_that_exception(
     good = [await explode.kiq(i, "good") for i in range(2)]
     results = await _results(broker, bad + good)
     errors = [r.error for r in results[:3]]
-    assert all(isinstance(e, ValueError) and str(e) == "cannot write [0, 1, 2]" for e in errors)
+    assert all(
+        isinstance(e, ValueError) and str(e) == "cannot write [0, 1, 2]" for e in errors
+    )
     assert not any(r.is_err for r in results[3:])
 
 

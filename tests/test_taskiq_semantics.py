@@ -4,7 +4,7 @@ import asyncio
 import contextvars
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from taskiq import Context, InMemoryBroker, ScheduleSource, TaskiqDepends, TaskiqMessage
@@ -16,7 +16,9 @@ from taskiq.scheduler.scheduled_task import ScheduledTask
 from batchtask import PartialFailure, batch_task, flush_all
 from tests.conftest import within
 
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "request_id", default="-"
+)
 
 
 async def test_sync_functions_run_in_a_thread_without_blocking_the_loop(
@@ -103,12 +105,16 @@ async def test_middlewares_run_once_per_message_and_results_are_per_task_id() ->
 
 
 async def test_retry_middleware_retries_only_failed_items_in_later_batches() -> None:
-    broker = InMemoryBroker().with_middlewares(SimpleRetryMiddleware(default_retry_count=3))
+    broker = InMemoryBroker().with_middlewares(
+        SimpleRetryMiddleware(default_retry_count=3)
+    )
     await broker.startup()
     calls: list[list[int]] = []
     failed_once: set[int] = set()
 
-    @batch_task(broker, batch_size=4, batch_timeout=0.2, results="per_item", retry_on_error=True)
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.2, results="per_item", retry_on_error=True
+    )
     async def flaky(values: list[int]) -> list[int]:
         calls.append(values)
         errors: dict[int, BaseException] = {}
@@ -126,7 +132,9 @@ async def test_retry_middleware_retries_only_failed_items_in_later_batches() -> 
     assert [r.return_value for r in results] == [0, 10, 20, 30]
     assert not any(r.is_err for r in results)
     assert calls[0] == [0, 1, 2, 3]
-    assert sorted(v for call in calls[1:] for v in call) == [1, 3], "only 1 and 3 retried"
+    assert sorted(v for call in calls[1:] for v in call) == [1, 3], (
+        "only 1 and 3 retried"
+    )
     await broker.shutdown()
 
 
@@ -151,14 +159,21 @@ async def test_labels_pass_through_to_taskiq_and_kicker_labels_reach_the_worker(
 ) -> None:
     seen: list[dict[str, Any]] = []
 
-    @batch_task(broker, batch_size=1, batch_timeout=5, priority=5, task_name="jobs:label")
+    @batch_task(
+        broker, batch_size=1, batch_timeout=5, priority=5, task_name="jobs:label"
+    )
     async def labelled(values: list[int], context: Context = TaskiqDepends()) -> None:
         seen.append(dict(context.message.labels))
 
     assert labelled.task_name == "jobs:label"
     assert labelled.labels == {"priority": 5}
     assert broker.find_task("jobs:label") is not None
-    task = await labelled.kicker().with_labels(tenant="acme").with_task_id("fixed-id").kiq(1)
+    task = (
+        await labelled.kicker()
+        .with_labels(tenant="acme")
+        .with_task_id("fixed-id")
+        .kiq(1)
+    )
     await within(task.wait_result(timeout=10))
     assert task.task_id == "fixed-id"
     assert seen[0]["priority"] == 5
@@ -199,7 +214,7 @@ async def test_schedule_methods_schedule_one_item_with_its_extra_arguments(
     source = MemorySource()
     await save.schedule_by_cron(source, "* * * * *", 1, "t")
     await save.schedule_by_interval(source, timedelta(seconds=5), 2, table="t")
-    await save.schedule_by_time(source, datetime.now(timezone.utc), 3, "t")
+    await save.schedule_by_time(source, datetime.now(UTC), 3, "t")
     assert [(s.task_name, s.args, s.kwargs) for s in source.schedules] == [
         (save.task_name, [1, "t"], {}),
         (save.task_name, [2], {"table": "t"}),
