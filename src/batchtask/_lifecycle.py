@@ -43,7 +43,9 @@ class _LoopBatchers:
     members: list[tuple[AsyncBroker, Batcher[Any, Any]]] = field(
         default_factory=lambda: []
     )
-    closed: "weakref.WeakSet[AsyncBroker]" = field(default_factory=weakref.WeakSet)
+    closed: "weakref.WeakSet[AsyncBroker]" = field(
+        default_factory=lambda: weakref.WeakSet[AsyncBroker]()
+    )
     """Brokers whose worker is shutting down on this loop."""
 
     def of(self, broker: AsyncBroker | None = None) -> list[Batcher[Any, Any]]:
