@@ -172,3 +172,22 @@ async def test_a_new_startup_batches_by_size_and_timeout_again() -> None:
     await within(broker.wait_all(), seconds=10)
     assert calls == [[0], [1, 2], [3, 4]]
     await broker.shutdown()
+
+
+def test_a_worker_whose_max_async_tasks_caps_a_batch_warns_naming_the_flag() -> None:
+    from batchtask._lifecycle import capped_batch_warning
+
+    sizes = {"app:save": 500, "app:small": 50}
+    warning = capped_batch_warning(sizes, ["worker", "app:broker"])
+    assert warning is not None
+    assert "--max-async-tasks=100" in warning
+    assert "app:save (batch_size=500)" in warning
+    assert "app:small" not in warning
+    assert "Fix: start the worker with --max-async-tasks 500 or more" in warning
+    assert (
+        capped_batch_warning(
+            sizes, ["worker", "app:broker", "--max-async-tasks", "600"]
+        )
+        is None
+    )
+    assert capped_batch_warning(sizes, ["pytest"]) is None

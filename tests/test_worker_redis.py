@@ -46,12 +46,19 @@ def app_env(queue: str, **settings: str) -> Iterator[dict[str, str]]:
         os.environ.update(saved)
 
 
+_logs: dict[int, str] = {}
+
+
+def worker_log(worker: subprocess.Popen[bytes]) -> str:
+    return Path(_logs[worker.pid]).read_text(errors="replace")
+
+
 def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
     # The log goes to a file: an unread pipe would fill up and stall the worker.
     log = tempfile.NamedTemporaryFile(
         prefix="batchtask-worker-", suffix=".log", delete=False
     )
-    return subprocess.Popen(
+    worker = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -66,6 +73,8 @@ def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    _logs[worker.pid] = log.name
+    return worker
 
 
 def stop(worker: subprocess.Popen[bytes]) -> None:
@@ -186,3 +195,20 @@ async def test_graceful_shutdown_runs_partial_batches_at_once_and_exits_cleanly(
     assert stopped < 600 / 10, "the buffer ran at once, not after batch_timeout"
     assert [r.return_value for r in results] == [2 * i for i in range(30)]
     assert [call for _, call in calls] == [list(range(30))]
+
+
+async def test_a_real_worker_warns_when_max_async_tasks_caps_a_batch(
+    queue: str,
+) -> None:
+    with app_env(queue, BATCHTASK_BATCH_SIZE="500") as env:
+        worker = start_worker(env, "--workers", "1")
+        try:
+            for _ in range(300):
+                text = worker_log(worker)
+                if "Listening started" in text:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            stop(worker)
+    assert "--max-async-tasks=100 counts every buffered item" in text
+    assert "redis_app:double (batch_size=500)" in text

@@ -9,11 +9,15 @@ message and listed here under that loop with the task's broker, so that:
   every batcher on the worker's loop is closed, so buffered items run now
   instead of after ``batch_timeout``. ``WORKER_SHUTDOWN`` drains whatever is
   left;
-- `flush_all` can run everything buffered right away, for tests.
+- `flush_all` can run everything buffered right away, for tests;
+- a ``taskiq worker`` whose ``--max-async-tasks`` is below a batch size warns at
+  start, naming the flag (the worker counts buffered items as running tasks).
 """
 
 import asyncio
+import logging
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -22,8 +26,11 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
+from taskiq.cli.worker.args import WorkerArgs
 
 from batchtask._batcher import Batcher, Eagerness, FlushReason, RunBatch
+
+logger = logging.getLogger("batchtask")
 
 V = TypeVar("V")
 R = TypeVar("R")
@@ -55,7 +62,10 @@ class _LoopBatchers:
 _loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatchers]" = (
     weakref.WeakKeyDictionary()
 )
-_watched_brokers: "weakref.WeakSet[AsyncBroker]" = weakref.WeakSet()
+_watched_brokers: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, int]]" = (
+    weakref.WeakKeyDictionary()
+)
+"""Brokers whose worker start and stop are hooked, with each batch task's size."""
 _chained_signals: set[int] = set()
 
 
@@ -96,14 +106,16 @@ def close_all(loop: asyncio.AbstractEventLoop) -> None:
     for broker, batcher in here.members:
         here.closed.add(broker)
         batcher.close()
-    here.closed.update(_watched_brokers)
+    here.closed.update(_watched_brokers.keys())
 
 
-def watch(broker: AsyncBroker) -> None:
+def watch(broker: AsyncBroker, task_name: str, batch_size: int) -> None:
     """Hook a broker's worker start and stop once, however many tasks it has."""
-    if broker in _watched_brokers:
+    sizes = _watched_brokers.get(broker)
+    if sizes is not None:
+        sizes[task_name] = batch_size
         return
-    _watched_brokers.add(broker)
+    _watched_brokers[broker] = {task_name: batch_size}
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _make_startup(broker))
     broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _make_shutdown(broker))
 
@@ -114,13 +126,42 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
         here.closed.discard(broker)
         for batcher in here.of(broker):
             batcher.open()
-        if (
-            broker.is_worker_process
-            and threading.current_thread() is threading.main_thread()
-        ):
+        if not broker.is_worker_process:
+            return
+        warning = capped_batch_warning(_watched_brokers.get(broker, {}), sys.argv)
+        if warning:
+            logger.warning(warning)
+        if threading.current_thread() is threading.main_thread():
             _chain_shutdown_signals(asyncio.get_running_loop())
 
     return on_worker_startup
+
+
+def capped_batch_warning(sizes: dict[str, int], argv: list[str]) -> str | None:
+    """Say which batch sizes ``taskiq worker --max-async-tasks`` makes unreachable.
+
+    The worker counts every buffered item as a running task, so one worker
+    process never holds more than ``--max-async-tasks`` items at once.
+    """
+    if not argv or argv[0] != "worker":
+        return None  # not the taskiq worker command line
+    try:
+        limit = WorkerArgs.from_cli(argv[1:]).max_async_tasks
+    except (SystemExit, Exception):  # argparse exits on what it cannot parse
+        return None
+    capped = {name: size for name, size in sizes.items() if 0 < limit < size}
+    if not capped:
+        return None
+    largest = max(capped.values())
+    tasks = ", ".join(
+        f"{name} (batch_size={size})" for name, size in sorted(capped.items())
+    )
+    return (
+        f"batchtask: taskiq worker --max-async-tasks={limit} counts every buffered "
+        f"item, so these batches can never fill up on this worker and will wait "
+        f"batch_timeout each time: {tasks}. Fix: start the worker with "
+        f"--max-async-tasks {largest} or more (or lower batch_size)."
+    )
 
 
 def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:

@@ -121,7 +121,7 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
                 self.signature, task_name=self.task_name
             )
         self.labels: dict[str, Any] = registered.labels
-        _lifecycle.watch(broker)
+        _lifecycle.watch(broker, self.task_name, config.batch_size)
         _keep_inmemory_results(broker)
         functools.update_wrapper(self, func)
 
