@@ -212,3 +212,40 @@ async def test_a_real_worker_warns_when_max_async_tasks_caps_a_batch(
             stop(worker)
     assert "--max-async-tasks=100 counts every buffered item" in text
     assert "redis_app:double (batch_size=500)" in text
+
+
+async def test_stream_messages_are_acked_only_after_their_batch_ran(queue: str) -> None:
+    with app_env(
+        queue,
+        BATCHTASK_BROKER="stream",
+        BATCHTASK_BATCH_SIZE="100",
+        BATCHTASK_BATCH_TIMEOUT="600",
+    ) as env:
+        worker = start_worker(env, "--workers", "1")
+        client = redis.from_url(REDIS_URL)
+        try:
+            async with producer(queue) as app:
+                tasks = [await app.double.kiq(i, "t") for i in range(20)]  # type: ignore[attr-defined]
+                pending = 0
+                for _ in range(300):
+                    with contextlib.suppress(redis.ResponseError):
+                        pending = (await client.xpending(queue, queue))["pending"]
+                    if pending == 20:
+                        break
+                    await asyncio.sleep(0.1)
+                buffered_calls = await recorded_calls(queue)
+                worker.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(
+                    asyncio.to_thread(worker.wait), timeout=60
+                )
+                results = [await t.wait_result(timeout=10) for t in tasks]
+                after = (await client.xpending(queue, queue))["pending"]
+        finally:
+            await client.aclose()
+            stop(worker)
+
+    assert pending == 20, "delivered and buffered, none acknowledged yet"
+    assert buffered_calls == []
+    assert code == 0
+    assert [r.return_value for r in results] == [2 * i for i in range(20)]
+    assert after == 0, "every message acknowledged once its batch ran"
