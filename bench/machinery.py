@@ -53,7 +53,8 @@ async def main() -> None:
         runs["batched"].append(await per_item_us(batched, args.items))
     await broker.shutdown()
     print(
-        f"{args.items} items x {args.rounds} interleaved rounds, kiq + receiver + result"
+        f"{args.items} items x {args.rounds} interleaved rounds: "
+        "kiq + receiver + result"
     )
     for name, values in runs.items():
         print(
