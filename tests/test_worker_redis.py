@@ -12,9 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from taskiq.result import TaskiqResult
 
 from tests.conftest import require_server
 
@@ -112,24 +114,35 @@ async def recorded_calls(queue: str) -> list[tuple[int, list[int]]]:
     return calls
 
 
+async def run_items(
+    queue: str, count: int, *, workers: int, **settings: str
+) -> tuple[list[TaskiqResult[Any]], list[tuple[int, list[int]]]]:
+    """Kick items 0..count-1 to fresh worker processes; return results and calls."""
+    with app_env(queue, **settings) as env:
+        worker = start_worker(env, "--workers", str(workers))
+        try:
+            async with producer(queue) as app:
+                tasks = await asyncio.gather(
+                    *(app.double.kiq(i, "t") for i in range(count))  # type: ignore[attr-defined]
+                )
+                results = [await t.wait_result(timeout=60) for t in tasks]
+                return results, await recorded_calls(queue)
+        finally:
+            stop(worker)
+
+
 @pytest.mark.parametrize("kind", ["list", "stream"])
 async def test_a_real_worker_batches_items_and_stores_each_result(
     queue: str, kind: str
 ) -> None:
-    with app_env(
+    results, calls = await run_items(
         queue,
+        250,
+        workers=1,
         BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="50",
         BATCHTASK_BATCH_TIMEOUT="1",
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            async with producer(queue) as app:
-                tasks = [await app.double.kiq(i, "t") for i in range(250)]  # type: ignore[attr-defined]
-                results = [await t.wait_result(timeout=60) for t in tasks]
-                calls = await recorded_calls(queue)
-        finally:
-            stop(worker)
+    )
 
     assert [r.return_value for r in results] == [2 * i for i in range(250)]
     values = sorted(v for _, call in calls for v in call)
@@ -141,19 +154,9 @@ async def test_a_real_worker_batches_items_and_stores_each_result(
 async def test_two_worker_processes_each_batch_their_share_exactly_once(
     queue: str,
 ) -> None:
-    with app_env(
-        queue, BATCHTASK_BATCH_SIZE="40", BATCHTASK_BATCH_TIMEOUT="0.5"
-    ) as env:
-        worker = start_worker(env, "--workers", "2")
-        try:
-            async with producer(queue) as app:
-                tasks = await asyncio.gather(
-                    *(app.double.kiq(i, "t") for i in range(600))  # type: ignore[attr-defined]
-                )
-                results = [await t.wait_result(timeout=60) for t in tasks]
-                calls = await recorded_calls(queue)
-        finally:
-            stop(worker)
+    results, calls = await run_items(
+        queue, 600, workers=2, BATCHTASK_BATCH_SIZE="40", BATCHTASK_BATCH_TIMEOUT="0.5"
+    )
 
     assert [r.return_value for r in results] == [2 * i for i in range(600)]
     assert sorted(v for _, call in calls for v in call) == list(range(600))

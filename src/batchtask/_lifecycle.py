@@ -103,10 +103,9 @@ def new_batcher(
 def close_all(loop: asyncio.AbstractEventLoop) -> None:
     """Flush every buffer on `loop` now and stop waiting for timers there."""
     here = _here(loop)
-    for broker, batcher in here.members:
-        here.closed.add(broker)
-        batcher.close()
     here.closed.update(_watched_brokers.keys())
+    for batcher in here.of():
+        batcher.close()
 
 
 def watch(broker: AsyncBroker, task_name: str, batch_size: int) -> None:

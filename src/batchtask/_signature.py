@@ -10,7 +10,8 @@ A batch function looks like ``f(items: list[Item], *rest, *injected)``:
   message on the worker and they never take part in grouping.
 
 `BatchSignature.of` does all the inspection once, when the task is declared;
-`bind` and `validate_item` are the per-message work and stay cheap.
+`bind` and `validate_item` are the per-message work on the worker, `check` the
+producer's, and they stay cheap.
 """
 
 import dataclasses
@@ -131,19 +132,32 @@ class BatchSignature:
             _item_adapter=None if item_type is Any else TypeAdapter(item_type),
         )
 
-    def bind(
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundItem:
+        """Bind one message's arguments on the worker and compute its group key.
+
+        `kwargs` also holds the dependencies taskiq resolved for the message.
+        Raises `BatchArgumentError` naming the task and the offending argument.
+        """
+        item, call_args, call_kwargs, injected = self._split(args, kwargs, worker=True)
+        key = (freeze(call_args), freeze(call_kwargs))
+        return BoundItem(item, call_args, call_kwargs, injected, key)
+
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Check arguments given to ``kiq`` on the producer, like `bind` would.
+
+        Passing an injected dependency is an error here. No group key is
+        computed: only the worker groups items.
+        """
+        self._split(args, kwargs, worker=False)
+
+    def _split(
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
         worker: bool,
-    ) -> BoundItem:
-        """Bind one message's arguments like a call of the batch function would.
-
-        On the worker, `kwargs` also holds the dependencies taskiq resolved;
-        on the producer (``worker=False``) passing one of them is an error.
-        Raises `BatchArgumentError` naming the task and the offending argument.
-        """
+    ) -> tuple[Any, tuple[Any, ...], dict[str, Any], dict[str, Any]]:
+        """Split arguments into the item, the call's extras and the injected."""
         kwargs = dict(kwargs)
         injected: dict[str, Any] = {}
         for name in self.injected:
@@ -198,8 +212,7 @@ class BatchSignature:
             for name in (*positional[split:], *self.keyword_only)
         }
         call_kwargs.update(star_kwargs)
-        key = (freeze(tuple(call_args)), freeze(call_kwargs))
-        return BoundItem(item, tuple(call_args), call_kwargs, injected, key)
+        return item, tuple(call_args), call_kwargs, injected
 
     def validate_item(self, value: Any) -> Any:
         """Validate and convert one item; raise `ItemValidationError` if it is bad."""

@@ -77,7 +77,7 @@ class BatchKicker(AsyncKicker[Concatenate[ItemT, P], ResultT]):
         self._signature = task.signature
 
     def _prepare_message(self, *args: Any, **kwargs: Any) -> TaskiqMessage:
-        self._signature.bind(args, kwargs, worker=False)
+        self._signature.check(args, kwargs)
         return super()._prepare_message(*args, **kwargs)
 
 
@@ -203,7 +203,7 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
 
     async def _run_item(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The entry point's body: one message in, that item's outcome out."""
-        bound = self.signature.bind(args, kwargs, worker=True)
+        bound = self.signature.bind(args, kwargs)
         item = self.signature.validate_item(bound.item)
         batcher = self._batcher()
         entry = batcher.submit(
