@@ -50,12 +50,13 @@ ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 CallT = TypeVar("CallT")
 P = ParamSpec("P")
+EntryP = ParamSpec("EntryP")
 
 _Pending = tuple[Any, BoundItem]
 """A buffered item: its validated value, and its message's bound arguments."""
 
 
-class BatchKicker(AsyncKicker[Concatenate[ItemT, P], ResultT]):
+class BatchKicker(AsyncKicker[EntryP, ResultT]):
     """taskiq's kicker for one item of a batch task.
 
     It checks the arguments against the batch function's signature before
@@ -65,7 +66,7 @@ class BatchKicker(AsyncKicker[Concatenate[ItemT, P], ResultT]):
 
     def __init__(
         self,
-        task: "BatchTask[ItemT, P, ResultT, Any]",
+        task: "BatchTask[Any, ..., EntryP, ResultT, Any]",
     ) -> None:
         """Prepare a kicker for `task` with a copy of its labels."""
         super().__init__(
@@ -81,8 +82,13 @@ class BatchKicker(AsyncKicker[Concatenate[ItemT, P], ResultT]):
         return super()._prepare_message(*args, **kwargs)
 
 
-class BatchTask(Generic[ItemT, P, ResultT, CallT]):
+class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
     """A batch function, registered with taskiq as a task of one item.
+
+    Its type parameters: ``ItemT`` is one item (the element type of the
+    function's list), ``P`` the function's other parameters, ``EntryP`` the
+    parameters of ``kiq`` (the item, then ``P``), ``ResultT`` one item's
+    result and ``CallT`` what calling the function directly returns.
 
     - ``await task.kiq(item, *rest)`` sends one item; the worker calls the
       function once per batch of items that share equal `rest`.
@@ -125,20 +131,21 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
         _keep_inmemory_results(broker)
         functools.update_wrapper(self, func)
 
-    def __call__(self, items: list[ItemT], *args: P.args, **kwargs: P.kwargs) -> CallT:
+    def __call__(
+        self, items: list[ItemT], /, *args: P.args, **kwargs: P.kwargs
+    ) -> CallT:
         """Call the batch function directly with a list of items."""
         return typing.cast(CallT, self.original_func(items, *args, **kwargs))
 
     async def kiq(
         self,
-        item: ItemT,
-        *args: P.args,
-        **kwargs: P.kwargs,
+        *args: EntryP.args,
+        **kwargs: EntryP.kwargs,
     ) -> AsyncTaskiqTask[ResultT]:
         """Send one item; the returned task resolves to that item's result."""
-        return await self.kicker().kiq(item, *args, **kwargs)
+        return await self.kicker().kiq(*args, **kwargs)
 
-    def kicker(self) -> BatchKicker[ItemT, P, ResultT]:
+    def kicker(self) -> BatchKicker[EntryP, ResultT]:
         """Taskiq's kicker for one item (``with_labels``, ``with_task_id``, ...)."""
         return BatchKicker(self)
 
@@ -146,36 +153,33 @@ class BatchTask(Generic[ItemT, P, ResultT, CallT]):
         self,
         source: ScheduleSource,
         cron: "str | CronSpec",
-        item: ItemT,
-        *args: P.args,
-        **kwargs: P.kwargs,
+        *args: EntryP.args,
+        **kwargs: EntryP.kwargs,
     ) -> CreatedSchedule[ResultT]:
         """Schedule one item on a cron (see taskiq's ``schedule_by_cron``)."""
-        return await self.kicker().schedule_by_cron(source, cron, item, *args, **kwargs)
+        return await self.kicker().schedule_by_cron(source, cron, *args, **kwargs)
 
     async def schedule_by_interval(
         self,
         source: ScheduleSource,
         interval: int | timedelta,
-        item: ItemT,
-        *args: P.args,
-        **kwargs: P.kwargs,
+        *args: EntryP.args,
+        **kwargs: EntryP.kwargs,
     ) -> CreatedSchedule[ResultT]:
         """Schedule one item at an interval (see taskiq's ``schedule_by_interval``)."""
         return await self.kicker().schedule_by_interval(
-            source, interval, item, *args, **kwargs
+            source, interval, *args, **kwargs
         )
 
     async def schedule_by_time(
         self,
         source: ScheduleSource,
         time: datetime,
-        item: ItemT,
-        *args: P.args,
-        **kwargs: P.kwargs,
+        *args: EntryP.args,
+        **kwargs: EntryP.kwargs,
     ) -> CreatedSchedule[ResultT]:
         """Schedule one item at a time (see taskiq's ``schedule_by_time``)."""
-        return await self.kicker().schedule_by_time(source, time, item, *args, **kwargs)
+        return await self.kicker().schedule_by_time(source, time, *args, **kwargs)
 
     def __repr__(self) -> str:
         """Show the task name and its batch settings."""
@@ -283,7 +287,7 @@ class _BatchDecorator(Generic[ResultT]):
         self._labels = labels
 
     def _make(self, func: Callable[..., Any]) -> Any:
-        return BatchTask[Any, ..., Any, Any](
+        return BatchTask[Any, ..., ..., Any, Any](
             self._broker, func, self._config, self._task_name, self._labels
         )
 
@@ -293,13 +297,15 @@ class _SharedDecorator(_BatchDecorator[Any]):
     def __call__(
         self,
         func: Callable[Concatenate[list[ItemT], P], Coroutine[Any, Any, ResultT]],
-    ) -> BatchTask[ItemT, P, ResultT, Coroutine[Any, Any, ResultT]]: ...
+    ) -> BatchTask[
+        ItemT, P, Concatenate[ItemT, P], ResultT, Coroutine[Any, Any, ResultT]
+    ]: ...
 
     @overload
     def __call__(
         self,
         func: Callable[Concatenate[list[ItemT], P], ResultT],
-    ) -> BatchTask[ItemT, P, ResultT, ResultT]: ...
+    ) -> BatchTask[ItemT, P, Concatenate[ItemT, P], ResultT, ResultT]: ...
 
     def __call__(self, func: Callable[..., Any]) -> Any:
         return self._make(func)
@@ -312,13 +318,19 @@ class _PerItemDecorator(_BatchDecorator[Any]):
         func: Callable[
             Concatenate[list[ItemT], P], Coroutine[Any, Any, Sequence[ResultT]]
         ],
-    ) -> BatchTask[ItemT, P, ResultT, Coroutine[Any, Any, Sequence[ResultT]]]: ...
+    ) -> BatchTask[
+        ItemT,
+        P,
+        Concatenate[ItemT, P],
+        ResultT,
+        Coroutine[Any, Any, Sequence[ResultT]],
+    ]: ...
 
     @overload
     def __call__(
         self,
         func: Callable[Concatenate[list[ItemT], P], Sequence[ResultT]],
-    ) -> BatchTask[ItemT, P, ResultT, Sequence[ResultT]]: ...
+    ) -> BatchTask[ItemT, P, Concatenate[ItemT, P], ResultT, Sequence[ResultT]]: ...
 
     def __call__(self, func: Callable[..., Any]) -> Any:
         return self._make(func)
