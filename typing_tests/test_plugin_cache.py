@@ -16,7 +16,9 @@ from taskiq import Context, InMemoryBroker, TaskiqDepends
 broker = InMemoryBroker()
 
 @batch_task(broker, batch_size=10, batch_timeout=1.0, results="per_item")
-async def save(rows: list[int], table: str, context: Context = TaskiqDepends()) -> list[str]:
+async def save(
+    rows: list[int], table: str, context: Context = TaskiqDepends()
+) -> list[str]:
     return [table] * len(rows)
 """
 
