@@ -197,7 +197,9 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         async def entry(*args: Any, **kwargs: Any) -> Any:
             return await run_item(args, kwargs)
 
-        entry.__signature__ = signature.entry_signature  # type: ignore[attr-defined]
+        # What inspect.signature and taskiq's dependency graph read; functions
+        # keep such attributes in their __dict__.
+        entry.__dict__["__signature__"] = signature.entry_signature
         entry.__annotations__ = dict(signature.entry_annotations)
         entry.__module__ = func.__module__
         entry.__name__ = getattr(func, "__name__", "batch_task")
