@@ -1,117 +1,39 @@
-"""Points 3, 7 and 9 with real `taskiq worker` processes on the local Redis."""
+"""Batching, exactly-once on a healthy worker, and the cap warning with real
+`taskiq worker` processes on the local Redis (list and stream brokers)."""
 
 import asyncio
 import contextlib
-import importlib
-import os
 import signal
-import subprocess
-import sys
-import tempfile
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
 from taskiq.result import TaskiqResult
 
-from tests.conftest import require_server
+from tests.workers import (
+    REDIS_URL,
+    app_env,
+    kill,
+    new_queue,
+    producer,
+    recorded_calls,
+    require_broker,
+    start_worker,
+    wait_exit,
+    wait_listening,
+)
 
 pytestmark = pytest.mark.redis
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379"
 
 
 @pytest.fixture(autouse=True)
 def _redis_running() -> None:
-    require_server("Redis", 6379)
+    require_broker("list")
 
 
 @pytest.fixture
 def queue() -> str:
-    return f"batchtask-test-{uuid.uuid4().hex[:8]}"
-
-
-@contextmanager
-def app_env(queue: str, **settings: str) -> Iterator[dict[str, str]]:
-    env = dict(os.environ)
-    env.update({"BATCHTASK_QUEUE": queue, **settings})
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-_logs: dict[int, str] = {}
-
-
-def worker_log(worker: subprocess.Popen[bytes]) -> str:
-    return Path(_logs[worker.pid]).read_text(errors="replace")
-
-
-def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
-    # The log goes to a file: an unread pipe would fill up and stall the worker.
-    log = tempfile.NamedTemporaryFile(
-        prefix="batchtask-worker-", suffix=".log", delete=False
-    )
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "taskiq",
-            "worker",
-            "tests.worker_app.redis_app:broker",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    _logs[worker.pid] = log.name
-    return worker
-
-
-def stop(worker: subprocess.Popen[bytes]) -> None:
-    """Kill the worker and its worker processes, whatever state they are in."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait(timeout=30)
-
-
-@asynccontextmanager
-async def producer(queue: str) -> AsyncIterator[object]:
-    # Imported afresh after the environment names this test's queue.
-    sys.modules.pop("tests.worker_app.redis_app", None)
-    redis_app = importlib.import_module("tests.worker_app.redis_app")
-
-    await redis_app.broker.startup()
-    try:
-        yield redis_app
-    finally:
-        await redis_app.broker.shutdown()
-        client = redis.from_url(REDIS_URL)
-        await client.delete(queue, f"{queue}:calls")
-        await client.aclose()
-        sys.modules.pop("tests.worker_app.redis_app", None)
-
-
-async def recorded_calls(queue: str) -> list[tuple[int, list[int]]]:
-    client = redis.from_url(REDIS_URL)
-    raw = await client.lrange(f"{queue}:calls", 0, -1)
-    await client.aclose()
-    calls = []
-    for entry in raw:
-        pid, values = entry.decode().split(":")
-        calls.append((int(pid), [int(v) for v in values.split(",")]))
-    return calls
+    return new_queue()
 
 
 async def run_items(
@@ -128,7 +50,7 @@ async def run_items(
                 results = [await t.wait_result(timeout=60) for t in tasks]
                 return results, await recorded_calls(queue)
         finally:
-            stop(worker)
+            kill(worker)
 
 
 @pytest.mark.parametrize("kind", ["list", "stream"])
@@ -185,19 +107,19 @@ async def test_graceful_shutdown_runs_partial_batches_at_once_and_exits_cleanly(
                 assert await recorded_calls(queue) == [], "buffered, not yet called"
                 signalled = loop.time()
                 worker.send_signal(how)
-                code = await asyncio.wait_for(
-                    asyncio.to_thread(worker.wait), timeout=60
-                )
+                code = await wait_exit(worker)
                 stopped = loop.time() - signalled
                 results = [await t.wait_result(timeout=10) for t in tasks]
                 calls = await recorded_calls(queue)
         finally:
-            stop(worker)
+            kill(worker)
 
     assert code == 0, f"worker exited with {code}"
     assert stopped < 600 / 10, "the buffer ran at once, not after batch_timeout"
     assert [r.return_value for r in results] == [2 * i for i in range(30)]
-    assert [call for _, call in calls] == [list(range(30))]
+    # One call with all 30 (their order within it is the order the worker's
+    # concurrent message handlers reached the batch).
+    assert [sorted(call) for _, call in calls] == [list(range(30))]
 
 
 async def test_a_real_worker_warns_when_max_async_tasks_caps_a_batch(
@@ -206,15 +128,11 @@ async def test_a_real_worker_warns_when_max_async_tasks_caps_a_batch(
     with app_env(queue, BATCHTASK_BATCH_SIZE="500") as env:
         worker = start_worker(env, "--workers", "1")
         try:
-            for _ in range(300):
-                text = worker_log(worker)
-                if "Listening started" in text:
-                    break
-                await asyncio.sleep(0.1)
+            text = await wait_listening(worker)
         finally:
-            stop(worker)
+            kill(worker)
     assert "--max-async-tasks=100 counts every buffered item" in text
-    assert "redis_app:double (batch_size=500)" in text
+    assert "app:double (batch_size=500)" in text
 
 
 async def test_stream_messages_are_acked_only_after_their_batch_ran(queue: str) -> None:
@@ -238,14 +156,12 @@ async def test_stream_messages_are_acked_only_after_their_batch_ran(queue: str) 
                     await asyncio.sleep(0.1)
                 buffered_calls = await recorded_calls(queue)
                 worker.send_signal(signal.SIGTERM)
-                code = await asyncio.wait_for(
-                    asyncio.to_thread(worker.wait), timeout=60
-                )
+                code = await wait_exit(worker)
                 results = [await t.wait_result(timeout=10) for t in tasks]
                 after = (await client.xpending(queue, queue))["pending"]
         finally:
             await client.aclose()
-            stop(worker)
+            kill(worker)
 
     assert pending == 20, "delivered and buffered, none acknowledged yet"
     assert buffered_calls == []

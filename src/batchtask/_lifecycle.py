@@ -217,3 +217,8 @@ async def flush_all(broker: AsyncBroker | None = None) -> None:
             await batcher.wait_idle()
     finally:
         here.eagerness.level -= 1
+
+
+def buffered_items(broker: AsyncBroker | None = None) -> int:
+    """Items waiting in open batches on this event loop (of `broker`'s tasks)."""
+    return sum(batcher.buffered for batcher in _here().of(broker))

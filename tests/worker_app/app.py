@@ -1,0 +1,129 @@
+"""Batch tasks served by real `taskiq worker` processes in the broker tests.
+
+Configured by environment variables so each test gets its own queue:
+
+- BATCHTASK_QUEUE: queue / stream / subject name, and the prefix of the Redis
+  keys below;
+- BATCHTASK_BROKER: "list" (Redis ListQueueBroker), "stream" (Redis
+  RedisStreamBroker), "rabbitmq" (taskiq-aio-pika) or "nats" (taskiq-nats
+  PullBasedJetStreamBroker);
+- BATCHTASK_BATCH_SIZE, BATCHTASK_BATCH_TIMEOUT: the batch settings;
+- BATCHTASK_REDELIVER_AFTER: seconds after which the broker hands an
+  unacknowledged message to another consumer (Redis stream ``idle_timeout``,
+  NATS ``ack_wait``); RabbitMQ redelivers when the consumer's connection drops.
+
+Results go to Redis for every broker. Redis keys written by the worker:
+``<queue>:received`` counts messages the receiver started (a middleware),
+``<queue>:calls`` lists every call as ``pid:value,value,...`` and
+``<queue>:processed`` counts, per item value, the calls that included it.
+"""
+
+import asyncio
+import os
+import resource
+from typing import Any
+
+import redis.asyncio as redis
+from nats.js.api import ConsumerConfig, StreamConfig
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
+from taskiq_aio_pika import AioPikaBroker, Exchange, Queue
+from taskiq_nats import PullBasedJetStreamBroker
+from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+
+from batchtask import batch_task
+from batchtask._lifecycle import buffered_items
+
+REDIS_URL = "redis://127.0.0.1:6379"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+NATS_URL = "nats://127.0.0.1:4222"
+QUEUE = os.environ.get("BATCHTASK_QUEUE", "batchtask-test")
+KIND = os.environ.get("BATCHTASK_BROKER", "list")
+BATCH_SIZE = int(os.environ.get("BATCHTASK_BATCH_SIZE", "50"))
+BATCH_TIMEOUT = float(os.environ.get("BATCHTASK_BATCH_TIMEOUT", "1.0"))
+REDELIVER_AFTER = float(os.environ.get("BATCHTASK_REDELIVER_AFTER", "600"))
+
+
+def make_broker() -> AsyncBroker:
+    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
+        REDIS_URL, result_ex_time=900
+    )
+    broker: AsyncBroker
+    if KIND == "stream":
+        broker = RedisStreamBroker(
+            REDIS_URL,
+            queue_name=QUEUE,
+            consumer_group_name=QUEUE,
+            idle_timeout=int(REDELIVER_AFTER * 1000),
+        )
+    elif KIND == "rabbitmq":
+        broker = AioPikaBroker(
+            AMQP_URL,
+            qos=1000,
+            exchange=Exchange(name=QUEUE),
+            task_queues=[Queue(name=QUEUE)],
+        )
+    elif KIND == "nats":
+        broker = PullBasedJetStreamBroker(
+            NATS_URL,
+            subject=QUEUE,
+            stream_name=QUEUE,
+            durable=QUEUE,
+            stream_config=StreamConfig(name=QUEUE, subjects=[QUEUE]),
+            consumer_config=ConsumerConfig(
+                durable_name=QUEUE, ack_wait=REDELIVER_AFTER, max_ack_pending=5000
+            ),
+            pull_consume_batch=100,
+            pull_consume_timeout=0.5,
+        )
+    else:
+        broker = ListQueueBroker(REDIS_URL, queue_name=QUEUE)
+    return broker.with_result_backend(backend)
+
+
+_redis = redis.from_url(REDIS_URL)
+
+
+class CountReceived(TaskiqMiddleware):
+    """Counts the messages the receiver started, before their task runs."""
+
+    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        if message.task_name == "app:double":
+            await _redis.incr(f"{QUEUE}:received")
+        return message
+
+
+broker = make_broker().with_middlewares(CountReceived())
+
+
+@batch_task(
+    broker,
+    batch_size=BATCH_SIZE,
+    batch_timeout=BATCH_TIMEOUT,
+    results="per_item",
+    task_name="app:double",
+)
+async def double(values: list[int], tag: str) -> list[int]:
+    """Doubles each value; ``tag="cancel"`` raises CancelledError inside."""
+    if tag == "cancel":
+        raise asyncio.CancelledError
+    async with _redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(f"{QUEUE}:calls", f"{os.getpid()}:{','.join(map(str, values))}")
+        for value in values:
+            pipe.hincrby(f"{QUEUE}:processed", str(value), 1)
+        await pipe.execute()
+    return [2 * v for v in values]
+
+
+@broker.task(task_name="app:nudge")
+async def nudge() -> None:
+    """A no-op message: lets a Redis stream consumer run its autoclaim."""
+
+
+@broker.task(task_name="app:stats")
+async def stats() -> dict[str, Any]:
+    """This worker process's peak RSS (KiB) and batchtask's buffered items."""
+    return {
+        "pid": os.getpid(),
+        "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "buffered": buffered_items(broker),
+    }

@@ -1,0 +1,195 @@
+"""Real `taskiq worker` processes for the broker tests, and what they record.
+
+The worker serves ``tests.worker_app.app:broker``, configured through the
+environment (see that module). Each test uses its own queue name; `producer`
+imports the app afresh in the test process with the same settings, so the
+test kicks through the same broker kind, and removes the queue afterwards.
+"""
+
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import redis.asyncio as redis
+
+from tests.conftest import require_server
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = "redis://127.0.0.1:6379"
+APP = "tests.worker_app.app"
+
+SERVERS = {
+    "list": [("Redis", 6379)],
+    "stream": [("Redis", 6379)],
+    "rabbitmq": [("Redis", 6379), ("RabbitMQ", 5672)],
+    "nats": [("Redis", 6379), ("NATS", 4222)],
+}
+
+
+def require_broker(kind: str) -> None:
+    """Skip, or fail under CI=true, unless the servers `kind` needs answer."""
+    for name, port in SERVERS[kind]:
+        require_server(name, port)
+
+
+def new_queue() -> str:
+    return f"batchtask-test-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def app_env(queue: str, **settings: str) -> Iterator[dict[str, str]]:
+    """The environment that configures the app, also set in this process."""
+    env = dict(os.environ)
+    env.update({"BATCHTASK_QUEUE": queue, **settings})
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+_logs: dict[int, str] = {}
+
+
+def worker_log(worker: subprocess.Popen[bytes]) -> str:
+    return Path(_logs[worker.pid]).read_text(errors="replace")
+
+
+def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
+    """Start ``taskiq worker`` in its own process group; its log goes to a file."""
+    # A file, not a pipe: an unread pipe would fill up and stall the worker.
+    log = tempfile.NamedTemporaryFile(
+        prefix="batchtask-worker-", suffix=".log", delete=False
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "taskiq", "worker", f"{APP}:broker", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _logs[worker.pid] = log.name
+    return worker
+
+
+def kill(worker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker and its worker processes, whatever state they are in."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=30)
+
+
+async def wait_exit(worker: subprocess.Popen[bytes], seconds: float = 60) -> int:
+    """The worker's exit code; a hang becomes a failure after `seconds`."""
+    return await asyncio.wait_for(asyncio.to_thread(worker.wait), timeout=seconds)
+
+
+async def wait_listening(worker: subprocess.Popen[bytes]) -> str:
+    """Wait until every worker process of `worker` listens; return the log."""
+    text = ""
+    for _ in range(600):
+        text = worker_log(worker)
+        if "Listening started" in text:
+            return text
+        if worker.poll() is not None:
+            break
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the worker never started listening:\n{text}")
+
+
+@asynccontextmanager
+async def producer(queue: str) -> AsyncIterator[ModuleType]:
+    """The app imported in this process (environment from `app_env`), started."""
+    sys.modules.pop(APP, None)
+    app = importlib.import_module(APP)
+    await app.broker.startup()
+    try:
+        yield app
+    finally:
+        await app.broker.shutdown()
+        await remove_queue(app, queue)
+        sys.modules.pop(APP, None)
+
+
+async def remove_queue(app: ModuleType, queue: str) -> None:
+    """Delete the test's queue on its broker and its Redis keys."""
+    client = redis.from_url(REDIS_URL)
+    await client.delete(
+        queue, f"{queue}:calls", f"{queue}:processed", f"{queue}:received"
+    )
+    await client.aclose()
+    if app.KIND == "rabbitmq":
+        import aio_pika
+
+        connection = await aio_pika.connect(app.AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+            await channel.exchange_delete(queue)
+    elif app.KIND == "nats":
+        import nats
+
+        client_nats = await nats.connect(app.NATS_URL)
+        with contextlib.suppress(Exception):
+            await client_nats.jetstream().delete_stream(queue)
+        await client_nats.close()
+
+
+async def recorded_calls(queue: str) -> list[tuple[int, list[int]]]:
+    """Every call of the batch function: (worker pid, its values)."""
+    client = redis.from_url(REDIS_URL)
+    raw = await client.lrange(f"{queue}:calls", 0, -1)
+    await client.aclose()
+    calls = []
+    for entry in raw:
+        pid, values = entry.decode().split(":")
+        calls.append((int(pid), [int(v) for v in values.split(",") if v]))
+    return calls
+
+
+async def processed(queue: str) -> dict[int, int]:
+    """How many calls included each item value."""
+    client = redis.from_url(REDIS_URL)
+    raw = await client.hgetall(f"{queue}:processed")
+    await client.aclose()
+    return {int(k): int(v) for k, v in raw.items()}
+
+
+async def received(queue: str) -> int:
+    """How many messages the workers' receivers started."""
+    client = redis.from_url(REDIS_URL)
+    value = await client.get(f"{queue}:received")
+    await client.aclose()
+    return int(value or 0)
+
+
+async def until(
+    check: Callable[[], Awaitable[bool]],
+    seconds: float,
+    what: str,
+    *,
+    every: float = 0.1,
+    meanwhile: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Poll `check` until true; fail naming `what` after `seconds` (a hang)."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        if meanwhile is not None:
+            await meanwhile()
+        await asyncio.sleep(every)
