@@ -39,3 +39,21 @@ async def broker() -> AsyncIterator[InMemoryBroker]:
 async def within(awaitable, seconds: float = 20):
     """Await with a generous bound that only turns a hang into a failure."""
     return await asyncio.wait_for(awaitable, timeout=seconds)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--stress",
+        action="store_true",
+        default=False,
+        help=(
+            "run tests/test_stress.py long: ~500 random examples over wider "
+            "ranges (same as BATCHTASK_STRESS=1)"
+        ),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read by tests/test_stress.py when it is imported, after this hook.
+    if config.getoption("--stress", default=False):
+        os.environ["BATCHTASK_STRESS"] = "1"

@@ -87,41 +87,6 @@ async def test_two_worker_processes_each_batch_their_share_exactly_once(
     print(f"calls per worker process: {per_process}")
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
-async def test_graceful_shutdown_runs_partial_batches_at_once_and_exits_cleanly(
-    queue: str, how: signal.Signals
-) -> None:
-    loop = asyncio.get_running_loop()
-    with app_env(
-        queue, BATCHTASK_BATCH_SIZE="100", BATCHTASK_BATCH_TIMEOUT="600"
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            async with producer(queue) as app:
-                tasks = [await app.double.kiq(i, "t") for i in range(30)]  # type: ignore[attr-defined]
-                client = redis.from_url(REDIS_URL)
-                while await client.llen(queue):  # the worker took them all
-                    await asyncio.sleep(0.1)
-                await client.aclose()
-                await asyncio.sleep(0.5)
-                assert await recorded_calls(queue) == [], "buffered, not yet called"
-                signalled = loop.time()
-                worker.send_signal(how)
-                code = await wait_exit(worker)
-                stopped = loop.time() - signalled
-                results = [await t.wait_result(timeout=10) for t in tasks]
-                calls = await recorded_calls(queue)
-        finally:
-            kill(worker)
-
-    assert code == 0, f"worker exited with {code}"
-    assert stopped < 600 / 10, "the buffer ran at once, not after batch_timeout"
-    assert [r.return_value for r in results] == [2 * i for i in range(30)]
-    # One call with all 30 (their order within it is the order the worker's
-    # concurrent message handlers reached the batch).
-    assert [sorted(call) for _, call in calls] == [list(range(30))]
-
-
 async def test_a_real_worker_warns_when_max_async_tasks_caps_a_batch(
     queue: str,
 ) -> None:
