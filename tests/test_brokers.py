@@ -16,6 +16,7 @@ import pytest
 from taskiq import AsyncTaskiqTask, TaskiqMessage
 from taskiq.exceptions import SendTaskError
 
+from batchtask import BatchArgumentError, BatchCallError, ItemValidationError
 from tests.workers import (
     app_env,
     kill,
@@ -217,13 +218,17 @@ async def test_bad_input_fails_alone_and_the_worker_keeps_serving() -> None:
         finally:
             kill(worker)
 
-    errors = {name: repr(result.error) for name, result in bad_results.items()}
-    print(f"bad input errors: {errors}")
-    assert all(result.is_err for result in bad_results.values())
-    assert "is not a valid int" in errors["invalid"]
-    assert "missing the item" in errors["no_item"]
-    assert "unexpected keyword argument 'colour'" in errors["unknown"]
-    assert "CancelledError" in errors["cancelled"]
+    # Each error comes back through the Redis result backend with its class.
+    errors = {name: result.error for name, result in bad_results.items()}
+    print("bad input errors:", *errors.items(), sep="\n  ")
+    assert isinstance(errors["invalid"], ItemValidationError)
+    assert "is not a valid int" in str(errors["invalid"])
+    assert isinstance(errors["no_item"], BatchArgumentError)
+    assert "missing the item" in str(errors["no_item"])
+    assert isinstance(errors["unknown"], BatchArgumentError)
+    assert "unexpected keyword argument 'colour'" in str(errors["unknown"])
+    assert isinstance(errors["cancelled"], BatchCallError)
+    assert "raised CancelledError" in str(errors["cancelled"])
     assert [r.return_value for r in good_results] == [2 * i for i in range(20)]
     assert alive, "the worker kept serving"
 

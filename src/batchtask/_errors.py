@@ -11,10 +11,27 @@ from taskiq.exceptions import TaskiqError
 
 
 class BatchTaskError(TaskiqError):
-    """Base class of every error batchtask raises."""
+    """Base class of every error batchtask raises.
+
+    Built as ``BatchTaskError(message=...)`` or ``BatchTaskError("...")``; the
+    positional form is what taskiq's result backends use to rebuild an error
+    from its stored arguments, so an item's error keeps its class on the
+    producer side of any broker.
+    """
 
     __template__ = "{message}"
     message: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Take the message by keyword or as the only positional argument."""
+        if len(args) == 1 and "message" not in kwargs:
+            kwargs["message"] = args[0]
+        elif args:
+            raise TypeError(
+                f"{type(self).__name__} takes one message, by position or as "
+                f"message=..., not {args!r}"
+            )
+        super().__init__(**kwargs)
 
 
 class BatchConfigError(BatchTaskError):
