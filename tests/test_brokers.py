@@ -316,3 +316,33 @@ async def _at_least(value: Any, minimum: int) -> bool:
 
 async def _len(mapping: Any) -> int:
     return len(await mapping)
+
+
+async def test_rabbitmq_prefetch_below_batch_size_caps_batches_and_warns() -> None:
+    """AioPikaBroker's qos bounds what one worker holds, so a batch never
+    grows past it; the worker says so at start, naming the setting."""
+    require_broker("rabbitmq")
+    queue = new_queue()
+    with app_env(
+        queue,
+        BATCHTASK_BROKER="rabbitmq",
+        BATCHTASK_QOS="10",
+        BATCHTASK_BATCH_SIZE="50",
+        BATCHTASK_BATCH_TIMEOUT="0.3",
+    ) as env:
+        worker = start_worker(env, "--workers", "1")
+        try:
+            log = await wait_listening(worker)
+            async with producer(queue) as app:
+                tasks = await kick_all(app, range(100))
+                results = [await t.wait_result(timeout=60) for t in tasks]
+                calls = await recorded_calls(queue)
+        finally:
+            kill(worker)
+
+    sizes = [len(call) for _, call in calls]
+    print(f"qos=10, batch_size=50: call sizes {sizes}")
+    assert "AioPikaBroker(qos=10) lets this worker hold at most 10" in log
+    assert "app:double (batch_size=50)" in log
+    assert [r.return_value for r in results] == [2 * i for i in range(100)]
+    assert max(sizes) <= 10

@@ -127,9 +127,13 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
             batcher.open()
         if not broker.is_worker_process:
             return
-        warning = capped_batch_warning(_watched_brokers.get(broker, {}), sys.argv)
-        if warning:
-            logger.warning(warning)
+        sizes = _watched_brokers.get(broker, {})
+        for warning in (
+            capped_batch_warning(sizes, sys.argv),
+            prefetch_warning(broker, sizes),
+        ):
+            if warning:
+                logger.warning(warning)
         if threading.current_thread() is threading.main_thread():
             _chain_shutdown_signals(asyncio.get_running_loop())
 
@@ -160,6 +164,30 @@ def capped_batch_warning(sizes: dict[str, int], argv: list[str]) -> str | None:
         f"item, so these batches can never fill up on this worker and will wait "
         f"batch_timeout each time: {tasks}. Fix: start the worker with "
         f"--max-async-tasks {largest} or more (or lower batch_size)."
+    )
+
+
+def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
+    """Say which batch sizes the broker's own prefetch limit makes unreachable.
+
+    taskiq-aio-pika's ``AioPikaBroker(qos=10)`` lets a worker hold at most
+    `qos` unacknowledged messages, and a buffered item is unacknowledged
+    until its batch ran.
+    """
+    qos = getattr(broker, "_qos", None)
+    if type(broker).__name__ != "AioPikaBroker" or not isinstance(qos, int):
+        return None
+    capped = {name: size for name, size in sizes.items() if 0 < qos < size}
+    if not capped:
+        return None
+    tasks = ", ".join(
+        f"{name} (batch_size={size})" for name, size in sorted(capped.items())
+    )
+    return (
+        f"batchtask: AioPikaBroker(qos={qos}) lets this worker hold at most {qos} "
+        f"unacknowledged messages, so these batches can never fill up and will "
+        f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
+        f"qos={max(capped.values())}) or more (or lower batch_size)."
     )
 
 

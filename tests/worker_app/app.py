@@ -8,6 +8,7 @@ Configured by environment variables so each test gets its own queue:
   RedisStreamBroker), "rabbitmq" (taskiq-aio-pika) or "nats" (taskiq-nats
   PullBasedJetStreamBroker);
 - BATCHTASK_BATCH_SIZE, BATCHTASK_BATCH_TIMEOUT: the batch settings;
+- BATCHTASK_QOS: RabbitMQ prefetch (``AioPikaBroker(qos=...)``, default 1000);
 - BATCHTASK_REDELIVER_AFTER: seconds after which the broker hands an
   unacknowledged message to another consumer (Redis stream ``idle_timeout``,
   NATS ``ack_wait``); RabbitMQ redelivers when the consumer's connection drops.
@@ -58,7 +59,7 @@ def make_broker() -> AsyncBroker:
     elif KIND == "rabbitmq":
         broker = AioPikaBroker(
             AMQP_URL,
-            qos=1000,
+            qos=int(os.environ.get("BATCHTASK_QOS", "1000")),
             exchange=Exchange(name=QUEUE),
             task_queues=[Queue(name=QUEUE)],
         )
