@@ -36,6 +36,7 @@ pytest or set ``BATCHTASK_STRESS=1``::
 """
 
 import asyncio
+import gc
 import itertools
 import logging
 import math
@@ -420,9 +421,16 @@ def test_every_item_completes_once_with_its_own_outcome(scenario: Scenario) -> N
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
+    # Everything alive before the example (hypothesis' bookkeeping, which
+    # grows with every example, and whatever earlier examples left) is
+    # frozen, so a full collection while it runs scans only its own objects.
+    # Unfrozen, such collections took over a second in --stress runs and
+    # stalled the event loop, timers included.
+    gc.freeze()
     try:
         run = asyncio.run(play(scenario))
     finally:
+        gc.unfreeze()
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
     check(run)
