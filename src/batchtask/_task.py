@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import (
     TYPE_CHECKING,
@@ -28,15 +28,24 @@ from typing import (
     overload,
 )
 
-from taskiq import AsyncBroker, AsyncTaskiqTask, InMemoryBroker
+from taskiq import (
+    AsyncBroker,
+    AsyncResultBackend,
+    AsyncTaskiqTask,
+    InMemoryBroker,
+    TaskiqMiddleware,
+)
 from taskiq.abc.schedule_source import ScheduleSource
+from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
 from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.scheduler.created_schedule import CreatedSchedule
+from taskiq.utils import maybe_awaitable
 
 from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher
+from batchtask._bulk import kick_many
 from batchtask._config import BatchConfig, ResultsMode
 from batchtask._outcomes import settle
 from batchtask._signature import BatchSignature, BoundItem
@@ -81,6 +90,10 @@ class BatchKicker(AsyncKicker[EntryP, ResultT]):
         self._signature.check(args, kwargs)
         return super()._prepare_message(*args, **kwargs)
 
+    def message(self, *args: Any, **kwargs: Any) -> TaskiqMessage:
+        """The message ``kiq(*args, **kwargs)`` would send, checked, not sent."""
+        return self._prepare_message(*args, **kwargs)
+
 
 class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
     """A batch function, registered with taskiq as a task of one item.
@@ -92,6 +105,8 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
 
     - ``await task.kiq(item, *rest)`` sends one item; the worker calls the
       function once per batch of items that share equal `rest`.
+    - ``await task.kiq_many(items, *rest)`` sends one message per item, in one
+      pipeline where the broker allows;
     - ``task.kicker()`` gives taskiq's kicker (``with_labels``,
       ``with_task_id``, ...) for one item.
     - ``task.schedule_by_cron/interval/time(source, ..., item, *rest)``
@@ -144,6 +159,54 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
     ) -> AsyncTaskiqTask[ResultT]:
         """Send one item; the returned task resolves to that item's result."""
         return await self.kicker().kiq(*args, **kwargs)
+
+    async def kiq_many(
+        self,
+        items: Iterable[ItemT],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> list[AsyncTaskiqTask[ResultT]]:
+        """Send each item as its own message, like ``kiq(item, *args, **kwargs)``.
+
+        Every item gets its own task id, middlewares (``pre_send`` /
+        ``post_send``) and result, exactly as with ``kiq``; the arguments are
+        checked once per item before anything is sent. The messages go out in
+        one pipeline on taskiq-redis's ``ListQueueBroker`` and
+        ``RedisStreamBroker``, and as concurrent kicks on any other broker.
+        Returns one task per item, in order.
+
+        :raises BatchArgumentError: if the arguments do not fit; nothing is sent.
+        :raises SendTaskError: if the broker refused the messages.
+        """
+        broker = self.broker
+        kicker = self.kicker()
+        messages: list[TaskiqMessage] = []
+        for item in items:
+            message = kicker.message(item, *args, **kwargs)
+            for middleware in broker.middlewares:
+                if type(middleware).pre_send is not TaskiqMiddleware.pre_send:
+                    message = await maybe_awaitable(middleware.pre_send(message))
+            messages.append(message)
+        try:
+            await kick_many(broker, [broker.formatter.dumps(m) for m in messages])
+        except Exception as exc:
+            raise SendTaskError from exc
+        for message in messages:
+            for middleware in reversed(broker.middlewares):
+                if type(middleware).post_send is not TaskiqMiddleware.post_send:
+                    await maybe_awaitable(middleware.post_send(message))
+        # The broker's backend is generic in nothing; each item's result is
+        # a ResultT, as for kiq.
+        backend = typing.cast("AsyncResultBackend[ResultT]", broker.result_backend)
+        return [
+            AsyncTaskiqTask(
+                task_id=message.task_id,
+                result_backend=backend,
+                return_type=self.return_type,
+            )
+            for message in messages
+        ]
 
     def kicker(self) -> BatchKicker[EntryP, ResultT]:
         """Taskiq's kicker for one item (``with_labels``, ``with_task_id``, ...)."""
