@@ -27,9 +27,9 @@ import asyncio
 import contextvars
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger("batchtask")
 
@@ -52,6 +52,25 @@ class FlushReason(enum.Enum):
     """Each message runs in place (``InMemoryBroker(await_inplace=True)``)."""
 
 
+class Observer(Protocol):
+    """What a batcher reports, for metrics (see `batchtask.metrics`)."""
+
+    def submitted(self, task: str) -> None:
+        """One item entered a buffer."""
+
+    def withdrawn(self, task: str) -> None:
+        """One buffered item left before its batch was called (cancelled)."""
+
+    def flushed(self, task: str, reason: "FlushReason", size: int) -> None:
+        """A batch of `size` items left the buffer to be called."""
+
+    def waited(self, task: str, seconds: Sequence[float]) -> None:
+        """Each item's wait from entering the buffer to its call's start."""
+
+    def failed(self, task: str, items: int) -> None:
+        """`items` items of one call ended with an error."""
+
+
 @dataclass(eq=False, slots=True)
 class Entry(Generic[V, R]):
     """One buffered item and the future its batch run resolves."""
@@ -59,6 +78,8 @@ class Entry(Generic[V, R]):
     value: V
     future: "asyncio.Future[R]"
     batch: "Batch[V, R]"
+    submitted: float = 0.0
+    """Event-loop time it entered the buffer (kept only with an observer)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -104,6 +125,7 @@ class Batcher(Generic[V, R]):
         batch_size: int,
         batch_timeout: float,
         eagerness: Eagerness | None = None,
+        observer: Observer | None = None,
     ) -> None:
         """Prepare an empty batcher on the running event loop.
 
@@ -119,6 +141,7 @@ class Batcher(Generic[V, R]):
         self._running: set[asyncio.Task[None]] = set()
         self._closed = False
         self._eagerness = eagerness or Eagerness()
+        self._observer = observer
 
     @property
     def buffered(self) -> int:
@@ -138,6 +161,9 @@ class Batcher(Generic[V, R]):
         if batch is None:
             batch = self._open_batch(key)
         entry: Entry[V, R] = Entry(value, self._loop.create_future(), batch)
+        if self._observer is not None:
+            entry.submitted = self._loop.time()
+            self._observer.submitted(self.name)
         batch.entries.append(entry)
         if flush_now:
             self._flush(batch, FlushReason.IMMEDIATE)
@@ -208,6 +234,8 @@ class Batcher(Generic[V, R]):
             batch.timer.cancel()
             batch.timer = None
         batch.reason = reason
+        if self._observer is not None:
+            self._observer.flushed(self.name, reason, len(batch.entries))
         task = self._loop.create_task(self._run(batch), context=batch.context)
         batch.task = task
         self._running.add(task)
@@ -215,6 +243,10 @@ class Batcher(Generic[V, R]):
 
     async def _run(self, batch: Batch[V, R]) -> None:
         started = self._loop.time()
+        if self._observer is not None:
+            self._observer.waited(
+                self.name, [started - entry.submitted for entry in batch.entries]
+            )
         failure: BaseException | None = None
         try:
             await self._run_batch(batch)
@@ -250,6 +282,8 @@ class Batcher(Generic[V, R]):
         batch = entry.batch
         if self._is_open(batch):
             batch.entries.remove(entry)
+            if self._observer is not None:
+                self._observer.withdrawn(self.name)
             if not batch.entries:
                 del self._open[batch.key]
                 if batch.timer is not None:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
 from taskiq.cli.worker.args import WorkerArgs
 
-from batchtask._batcher import Batcher, Eagerness, FlushReason, RunBatch
+from batchtask._batcher import Batcher, Eagerness, FlushReason, Observer, RunBatch
 
 logger = logging.getLogger("batchtask")
 
@@ -67,6 +67,20 @@ _watched_brokers: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, int]]" = (
 )
 """Brokers whose worker start and stop are hooked, with each batch task's size."""
 _chained_signals: set[int] = set()
+_observers: "weakref.WeakKeyDictionary[AsyncBroker, Observer]" = (
+    weakref.WeakKeyDictionary()
+)
+"""Where each broker's batch tasks report (`batchtask.metrics`)."""
+
+
+def observe(broker: AsyncBroker, observer: Observer) -> None:
+    """Report the batches of `broker`'s tasks to `observer` from now on."""
+    _observers[broker] = observer
+
+
+def observer_of(broker: AsyncBroker) -> Observer | None:
+    """The observer `broker`'s batch tasks report to, if any."""
+    return _observers.get(broker)
 
 
 def _here(loop: asyncio.AbstractEventLoop | None = None) -> _LoopBatchers:
@@ -93,6 +107,7 @@ def new_batcher(
         batch_size=batch_size,
         batch_timeout=batch_timeout,
         eagerness=here.eagerness,
+        observer=_observers.get(broker),
     )
     here.members.append((broker, batcher))
     if broker in here.closed:

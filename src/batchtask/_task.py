@@ -315,6 +315,11 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             results=self.config.results,
             bisect=self.config.bisect_on_error,
         )
+        observer = _lifecycle.observer_of(self.broker)
+        if observer is not None:
+            failed = sum(outcome.error is not None for outcome in outcomes)
+            if failed:
+                observer.failed(self.task_name, failed)
         for entry, outcome in zip(live, outcomes, strict=True):
             if entry.future.done():
                 continue

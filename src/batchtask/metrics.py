@@ -1,0 +1,122 @@
+"""Prometheus metrics for batch tasks, in the style of taskiq's own.
+
+Add the middleware to the broker, next to taskiq's ``PrometheusMiddleware``
+(which serves every metric of the worker's processes on its port)::
+
+    from taskiq.middlewares.prometheus_middleware import PrometheusMiddleware
+    from batchtask.metrics import BatchMetricsMiddleware
+
+    broker = broker.with_middlewares(PrometheusMiddleware(), BatchMetricsMiddleware())
+
+Metrics, each labelled ``task_name`` like taskiq's (names without a prefix,
+as taskiq's ``received_tasks`` or ``execution_time``):
+
+- ``batch_flushes{task_name, reason}`` (counter): batches called, by why:
+  ``size``, ``timeout``, ``shutdown``, ``manual`` (``flush_all``),
+  ``immediate`` (``InMemoryBroker(await_inplace=True)``);
+- ``batch_size`` (histogram): items per call;
+- ``batch_item_wait`` (histogram, seconds): from an item entering its buffer
+  to the start of its call;
+- ``batch_items_failed`` (counter): items whose outcome was an error;
+- ``batch_items_buffered`` (gauge): items waiting in buffers now (summed
+  over the worker's live processes).
+
+Needs ``prometheus-client`` (``pip install batchtask[metrics]``). Metrics are
+created when the middleware is, so create it after taskiq's
+``PrometheusMiddleware`` (which points ``PROMETHEUS_MULTIPROC_DIR`` at its
+directory) and before the worker receives messages.
+"""
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from taskiq import AsyncBroker, TaskiqMiddleware
+
+from batchtask import _lifecycle
+from batchtask._batcher import FlushReason
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+"""Bucket bounds of ``batch_size``."""
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+"""Bucket bounds of ``batch_item_wait``, in seconds."""
+
+
+class BatchMetricsMiddleware(TaskiqMiddleware):
+    """Exports the batches of the broker's batch tasks as Prometheus metrics."""
+
+    def __init__(self, registry: "CollectorRegistry | None" = None) -> None:
+        """Create the metrics in `registry` (prometheus_client's default)."""
+        super().__init__()
+        try:
+            from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+        except ImportError as exc:
+            raise ImportError(
+                "batchtask.metrics needs prometheus-client: "
+                "pip install 'batchtask[metrics]'"
+            ) from exc
+        target = registry or REGISTRY
+        self.flushes = Counter(
+            "batch_flushes",
+            "Batches called, by flush reason",
+            ["task_name", "reason"],
+            registry=target,
+        )
+        self.sizes = Histogram(
+            "batch_size",
+            "Items per batch call",
+            ["task_name"],
+            buckets=SIZE_BUCKETS,
+            registry=target,
+        )
+        self.waits = Histogram(
+            "batch_item_wait",
+            "Seconds from an item entering its buffer to the start of its call",
+            ["task_name"],
+            buckets=WAIT_BUCKETS,
+            registry=target,
+        )
+        self.failures = Counter(
+            "batch_items_failed",
+            "Items whose outcome was an error",
+            ["task_name"],
+            registry=target,
+        )
+        self.buffered = Gauge(
+            "batch_items_buffered",
+            "Items waiting in buffers now",
+            ["task_name"],
+            multiprocess_mode="livesum",
+            registry=target,
+        )
+
+    def set_broker(self, broker: AsyncBroker) -> None:
+        """Called by taskiq when the middleware is added: observe `broker`."""
+        super().set_broker(broker)
+        _lifecycle.observe(broker, self)
+
+    def submitted(self, task: str) -> None:
+        """One item entered a buffer."""
+        self.buffered.labels(task).inc()
+
+    def withdrawn(self, task: str) -> None:
+        """One buffered item left before its batch was called."""
+        self.buffered.labels(task).dec()
+
+    def flushed(self, task: str, reason: FlushReason, size: int) -> None:
+        """A batch of `size` items left the buffer to be called."""
+        self.buffered.labels(task).dec(size)
+        self.flushes.labels(task, reason.value).inc()
+        self.sizes.labels(task).observe(size)
+
+    def waited(self, task: str, seconds: Sequence[float]) -> None:
+        """Each item's wait from entering the buffer to its call's start."""
+        histogram: Any = self.waits.labels(task)
+        for value in seconds:
+            histogram.observe(value)
+
+    def failed(self, task: str, items: int) -> None:
+        """`items` items of one call ended with an error."""
+        self.failures.labels(task).inc(items)
