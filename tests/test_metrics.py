@@ -59,3 +59,57 @@ def test_metrics_need_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(builtins, "__import__", no_prometheus)
     with pytest.raises(ImportError, match=r"batchtask\[metrics\]"):
         BatchMetricsMiddleware(CollectorRegistry())
+
+
+SERVED = """
+import asyncio, sys, tempfile
+from pathlib import Path
+from taskiq import InMemoryBroker
+from taskiq.middlewares.prometheus_middleware import PrometheusMiddleware
+from batchtask import batch_task, flush_all
+from batchtask.metrics import BatchMetricsMiddleware
+
+broker = InMemoryBroker().with_middlewares(
+    PrometheusMiddleware(metrics_path=Path(tempfile.mkdtemp())),
+    BatchMetricsMiddleware(),
+)
+
+@batch_task(broker, batch_size=3, batch_timeout=60, task_name="m:count")
+async def count(values: list[int]) -> int:
+    return len(values)
+
+async def main() -> None:
+    await broker.startup()
+    tasks = [await count.kiq(i) for i in range(4)]
+    await flush_all(broker)
+    print([(await t.wait_result()).return_value for t in tasks])
+    await broker.shutdown()
+
+asyncio.run(main())
+# Imported only now, as a worker's metrics server does: prometheus_client
+# picks its multiprocess mode when first imported.
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+sys.stdout.write(generate_latest(registry).decode())
+"""
+
+
+def test_metrics_reach_taskiqs_multiprocess_collector() -> None:
+    """With taskiq's PrometheusMiddleware (multiprocess mode, what its server
+    serves), batchtask's metrics are collected with the worker's others."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", SERVED],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = run.stdout.splitlines()
+    assert lines[0] == "[3, 3, 3, 1]"
+    assert 'batch_flushes_total{reason="size",task_name="m:count"} 1.0' in lines
+    assert 'batch_flushes_total{reason="manual",task_name="m:count"} 1.0' in lines
+    assert 'batch_size_sum{task_name="m:count"} 4.0' in lines
