@@ -71,6 +71,11 @@ class BatchSignature:
     entry_annotations: Mapping[str, Any]
     """Annotations of the extra and injected parameters, as taskiq resolves them."""
     _item_adapter: TypeAdapter[Any] | None
+    _plain_arity: int | None
+    """``1 + len(positional)`` when every extra parameter is a plain positional
+    one (no injected, ``*args``, keyword-only or ``**kwargs`` parameter):
+    then a message with exactly that many positional arguments and no keyword
+    argument binds without inspection. None otherwise."""
 
     @classmethod
     def of(cls, func: Callable[..., Any], task_name: str) -> "BatchSignature":
@@ -130,6 +135,11 @@ class BatchSignature:
             entry_signature=entry_signature,
             entry_annotations=entry_annotations,
             _item_adapter=None if item_type is Any else TypeAdapter(item_type),
+            _plain_arity=(
+                None
+                if injected or any(p.kind not in _POSITIONAL for p in extra)
+                else 1 + len(extra)
+            ),
         )
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundItem:
@@ -138,6 +148,12 @@ class BatchSignature:
         `kwargs` also holds the dependencies taskiq resolved for the message.
         Raises `BatchArgumentError` naming the task and the offending argument.
         """
+        if not kwargs and len(args) == self._plain_arity:
+            # Fast path: each argument fills its own parameter, in order; the
+            # key is the one the general path computes for the same values.
+            call_args = tuple(args[1:])
+            key = (freeze(call_args), _NO_KWARGS_KEY)
+            return BoundItem(args[0], call_args, {}, {}, key)
         item, call_args, call_kwargs, injected = self._split(args, kwargs, worker=True)
         key = (freeze(call_args), freeze(call_kwargs))
         return BoundItem(item, call_args, call_kwargs, injected, key)
@@ -148,6 +164,8 @@ class BatchSignature:
         Passing an injected dependency is an error here. No group key is
         computed: only the worker groups items.
         """
+        if not kwargs and len(args) == self._plain_arity:
+            return  # each argument fills its own parameter, in order
         self._split(args, kwargs, worker=False)
 
     def _split(
@@ -276,6 +294,10 @@ def freeze(value: object) -> Hashable:
     except TypeError:
         return (kind, repr(value))
     return (kind, value)
+
+
+_NO_KWARGS_KEY = freeze({})
+"""The key part of a call without keyword arguments."""
 
 
 def _item_type(
