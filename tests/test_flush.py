@@ -191,3 +191,31 @@ def test_a_worker_whose_max_async_tasks_caps_a_batch_warns_naming_the_flag() -> 
         is None
     )
     assert capped_batch_warning(sizes, ["pytest"]) is None
+
+
+def test_closed_event_loops_and_their_brokers_are_released() -> None:
+    """Batchers refer to their loop; batchtask must still let old loops go."""
+    import gc
+    import weakref
+
+    brokers: list[weakref.ref[InMemoryBroker]] = []
+
+    async def one_run() -> None:
+        broker = InMemoryBroker()
+        brokers.append(weakref.ref(broker))
+        await broker.startup()
+
+        @batch_task(broker, batch_size=10, batch_timeout=0.01)
+        async def count(items: list[int]) -> int:
+            return len(items)
+
+        for i in range(30):
+            await count.kiq(i)
+        await broker.wait_all()
+        await broker.shutdown()
+
+    for _ in range(20):
+        asyncio.run(one_run())
+    gc.collect()
+    alive = sum(ref() is not None for ref in brokers)
+    assert alive <= 1, f"{alive} of 20 finished runs' brokers are still alive"

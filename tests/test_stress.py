@@ -33,6 +33,11 @@ pytest or set ``BATCHTASK_STRESS=1``::
 
     .venv/bin/python -m pytest tests/test_stress.py --stress
     BATCHTASK_STRESS=1 .venv/bin/python -m pytest tests/test_stress.py
+
+A --stress run takes about 3-4 minutes on 2 cores, mostly sleeping through
+pauses and batch timeouts; past pytest's ``faulthandler_timeout`` (120 s) it
+prints a stack dump that is not a failure (``-o faulthandler_timeout=0``
+turns it off).
 """
 
 import asyncio

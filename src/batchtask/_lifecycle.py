@@ -87,6 +87,11 @@ def _here(loop: asyncio.AbstractEventLoop | None = None) -> _LoopBatchers:
     loop = loop or asyncio.get_running_loop()
     found = _loops.get(loop)
     if found is None:
+        # Each entry's batchers refer to their loop, so the weak keys alone
+        # never let a loop go: drop the entries of closed loops here, when a
+        # new loop arrives (every asyncio.run(), every test's loop).
+        for closed in [known for known in _loops if known.is_closed()]:
+            del _loops[closed]
         found = _loops[loop] = _LoopBatchers()
     return found
 
