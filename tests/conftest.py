@@ -32,13 +32,23 @@ async def broker() -> AsyncIterator[InMemoryBroker]:
     broker = InMemoryBroker()
     await broker.startup()
     yield broker
-    await asyncio.wait_for(broker.wait_all(), timeout=30)
+    await within(broker.wait_all(), 30)
     await broker.shutdown()
 
 
 async def within(awaitable, seconds: float = 20):
-    """Await with a generous bound that only turns a hang into a failure."""
-    return await asyncio.wait_for(awaitable, timeout=seconds)
+    """Await with a generous bound that only turns a hang into a failure.
+
+    Not ``asyncio.wait_for``: it waits for the cancellation it sends to be
+    honoured, and taskiq's receiver (under ``broker.wait_all()``) swallows it,
+    so a hang there would stay a hang.
+    """
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        raise AssertionError(f"still waiting after {seconds} s: a hang")
+    return task.result()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
