@@ -172,13 +172,10 @@ def capped_batch_warning(sizes: dict[str, int], argv: list[str]) -> str | None:
         limit = WorkerArgs.from_cli(argv[1:]).max_async_tasks
     except (SystemExit, Exception):  # argparse exits on what it cannot parse
         return None
-    capped = {name: size for name, size in sizes.items() if 0 < limit < size}
-    if not capped:
+    capped = _capped(sizes, limit)
+    if capped is None:
         return None
-    largest = max(capped.values())
-    tasks = ", ".join(
-        f"{name} (batch_size={size})" for name, size in sorted(capped.items())
-    )
+    tasks, largest = capped
     return (
         f"batchtask: taskiq worker --max-async-tasks={limit} counts every buffered "
         f"item, so these batches can never fill up on this worker and will wait "
@@ -197,18 +194,27 @@ def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
     qos = getattr(broker, "_qos", None)
     if type(broker).__name__ != "AioPikaBroker" or not isinstance(qos, int):
         return None
-    capped = {name: size for name, size in sizes.items() if 0 < qos < size}
+    capped = _capped(sizes, qos)
+    if capped is None:
+        return None
+    tasks, largest = capped
+    return (
+        f"batchtask: AioPikaBroker(qos={qos}) lets this worker hold at most {qos} "
+        f"unacknowledged messages, so these batches can never fill up and will "
+        f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
+        f"qos={largest}) or more (or lower batch_size)."
+    )
+
+
+def _capped(sizes: dict[str, int], limit: int) -> tuple[str, int] | None:
+    """The tasks whose batch size exceeds a positive `limit`, and the largest."""
+    capped = {name: size for name, size in sizes.items() if 0 < limit < size}
     if not capped:
         return None
     tasks = ", ".join(
         f"{name} (batch_size={size})" for name, size in sorted(capped.items())
     )
-    return (
-        f"batchtask: AioPikaBroker(qos={qos}) lets this worker hold at most {qos} "
-        f"unacknowledged messages, so these batches can never fill up and will "
-        f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
-        f"qos={max(capped.values())}) or more (or lower batch_size)."
-    )
+    return tasks, max(capped.values())
 
 
 def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
