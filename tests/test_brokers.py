@@ -26,10 +26,12 @@ from tests.workers import (
     received,
     recorded_calls,
     require_broker,
+    serving,
     start_worker,
     until,
     wait_exit,
     wait_listening,
+    worker_log,
 )
 
 KINDS = ["list", "stream", "rabbitmq", "nats"]
@@ -59,28 +61,22 @@ async def test_graceful_shutdown_runs_partial_batches_at_once(
 ) -> None:
     require_broker(kind)
     queue = new_queue()
-    with app_env(
+    async with serving(
         queue,
         BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="100",
         BATCHTASK_BATCH_TIMEOUT="600",
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            await wait_listening(worker)
-            async with producer(queue) as app:
-                tasks = await kick_all(app, range(30))
-                await until(lambda: _at_least(received(queue), 30), 60, "30 received")
-                await asyncio.sleep(0.3)
-                buffered_calls = await recorded_calls(queue)
-                signalled = time.monotonic()
-                worker.send_signal(how)
-                code = await wait_exit(worker)
-                stopped = time.monotonic() - signalled
-                results = [await t.wait_result(timeout=30) for t in tasks]
-                calls = await recorded_calls(queue)
-        finally:
-            kill(worker)
+    ) as (worker, app):
+        tasks = await kick_all(app, range(30))
+        await until(lambda: _at_least(received(queue), 30), 60, "30 received")
+        await asyncio.sleep(0.3)
+        buffered_calls = await recorded_calls(queue)
+        signalled = time.monotonic()
+        worker.send_signal(how)
+        code = await wait_exit(worker)
+        stopped = time.monotonic() - signalled
+        results = [await t.wait_result(timeout=30) for t in tasks]
+        calls = await recorded_calls(queue)
 
     print(f"shutdown[{kind}, SIG{how.name[3:]}]: exit {code} after {stopped:.2f} s")
     assert buffered_calls == [], "buffered, not called before the signal"
@@ -187,36 +183,30 @@ async def test_bad_input_fails_alone_and_the_worker_keeps_serving() -> None:
     fail on their own, with a clear error, and later items still succeed."""
     require_broker("stream")
     queue = new_queue()
-    with app_env(
+    async with serving(
         queue,
         BATCHTASK_BROKER="stream",
         BATCHTASK_BATCH_SIZE="10",
         BATCHTASK_BATCH_TIMEOUT="0.3",
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            await wait_listening(worker)
-            async with producer(queue) as app:
-                with pytest.raises(SendTaskError):  # not serializable: producer
-                    await app.double.kiq(1, object())
-                invalid = await app.double.kiq("not a number", "t")
-                no_item = await _raw(app, args=[], kwargs={"tag": "t"})
-                unknown = await _raw(app, args=[1, "t"], kwargs={"colour": "red"})
-                cancelled = await app.double.kiq(7, "cancel")
-                good = await kick_all(app, range(20))
-                bad_results = {
-                    name: await task.wait_result(timeout=60)
-                    for name, task in {
-                        "invalid": invalid,
-                        "no_item": no_item,
-                        "unknown": unknown,
-                        "cancelled": cancelled,
-                    }.items()
-                }
-                good_results = [await t.wait_result(timeout=60) for t in good]
-                alive = worker.poll() is None
-        finally:
-            kill(worker)
+    ) as (worker, app):
+        with pytest.raises(SendTaskError):  # not serializable: producer
+            await app.double.kiq(1, object())
+        invalid = await app.double.kiq("not a number", "t")
+        no_item = await _raw(app, args=[], kwargs={"tag": "t"})
+        unknown = await _raw(app, args=[1, "t"], kwargs={"colour": "red"})
+        cancelled = await app.double.kiq(7, "cancel")
+        good = await kick_all(app, range(20))
+        bad_results = {
+            name: await task.wait_result(timeout=60)
+            for name, task in {
+                "invalid": invalid,
+                "no_item": no_item,
+                "unknown": unknown,
+                "cancelled": cancelled,
+            }.items()
+        }
+        good_results = [await t.wait_result(timeout=60) for t in good]
+        alive = worker.poll() is None
 
     # Each error comes back through the Redis result backend with its class.
     errors = {name: result.error for name, result in bad_results.items()}
@@ -240,42 +230,38 @@ async def test_a_worker_holds_100k_items_with_bounded_memory() -> None:
     require_broker("stream")
     queue = new_queue()
     count = 100_000
-    with app_env(
+    async with serving(
         queue,
+        "--max-async-tasks",
+        "500",
         BATCHTASK_BROKER="stream",
         BATCHTASK_BATCH_SIZE="100",
         BATCHTASK_BATCH_TIMEOUT="0.2",
-    ) as env:
-        worker = start_worker(env, "--workers", "1", "--max-async-tasks", "500")
-        try:
-            await wait_listening(worker)
-            async with producer(queue) as app:
-                started = time.monotonic()
-                sample: list[AsyncTaskiqTask[Any]] = []
-                early: dict[str, Any] = {}
-                for start in range(0, count, 10_000):
-                    tasks = await kick_all(app, range(start, start + 10_000))
-                    sample.append(tasks[0])
-                    if start == 10_000:  # the first 10k are being processed
-                        await until(
-                            lambda: _at_least(_len(processed(queue)), 10_000),
-                            120,
-                            "the first 10k processed",
-                        )
-                        early = await _stats(app)
+    ) as (_, app):
+        started = time.monotonic()
+        sample: list[AsyncTaskiqTask[Any]] = []
+        early: dict[str, Any] = {}
+        for start in range(0, count, 10_000):
+            tasks = await kick_all(app, range(start, start + 10_000))
+            sample.append(tasks[0])
+            if start == 10_000:  # the first 10k are being processed
                 await until(
-                    lambda: _at_least(_len(processed(queue)), count),
-                    600,
-                    f"{count} items processed",
-                    every=0.5,
+                    lambda: _at_least(_len(processed(queue)), 10_000),
+                    120,
+                    "the first 10k processed",
                 )
-                elapsed = time.monotonic() - started
-                await asyncio.sleep(0.5)
-                end = await _stats(app)
-                counts = await processed(queue)
-                sampled = [await t.wait_result(timeout=60) for t in sample]
-        finally:
-            kill(worker)
+                early = await _stats(app)
+        await until(
+            lambda: _at_least(_len(processed(queue)), count),
+            600,
+            f"{count} items processed",
+            every=0.5,
+        )
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(0.5)
+        end = await _stats(app)
+        counts = await processed(queue)
+        sampled = [await t.wait_result(timeout=60) for t in sample]
 
     print(
         f"load: {count} items in {elapsed:.1f} s ({count / elapsed:.0f} items/s), "
@@ -323,22 +309,17 @@ async def test_rabbitmq_prefetch_below_batch_size_caps_batches_and_warns() -> No
     grows past it; the worker says so at start, naming the setting."""
     require_broker("rabbitmq")
     queue = new_queue()
-    with app_env(
+    async with serving(
         queue,
         BATCHTASK_BROKER="rabbitmq",
         BATCHTASK_QOS="10",
         BATCHTASK_BATCH_SIZE="50",
         BATCHTASK_BATCH_TIMEOUT="0.3",
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            log = await wait_listening(worker)
-            async with producer(queue) as app:
-                tasks = await kick_all(app, range(100))
-                results = [await t.wait_result(timeout=60) for t in tasks]
-                calls = await recorded_calls(queue)
-        finally:
-            kill(worker)
+    ) as (worker, app):
+        log = worker_log(worker)
+        tasks = await kick_all(app, range(100))
+        results = [await t.wait_result(timeout=60) for t in tasks]
+        calls = await recorded_calls(queue)
 
     sizes = [len(call) for _, call in calls]
     print(f"qos=10, batch_size=50: call sizes {sizes}")

@@ -8,15 +8,11 @@ from taskiq import InMemoryBroker, TaskiqMessage, TaskiqMiddleware
 from batchtask import BatchArgumentError, batch_task, flush_all
 from tests.conftest import within
 from tests.workers import (
-    app_env,
-    kill,
     new_queue,
     processed,
-    producer,
     recorded_calls,
     require_broker,
-    start_worker,
-    wait_listening,
+    serving,
 )
 
 
@@ -95,22 +91,16 @@ async def test_no_items_send_nothing() -> None:
 async def test_a_real_worker_gets_every_pipelined_message_once(kind: str) -> None:
     require_broker(kind)
     queue = new_queue()
-    with app_env(
+    async with serving(
         queue,
         BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="100",
         BATCHTASK_BATCH_TIMEOUT="0.3",
-    ) as env:
-        worker = start_worker(env, "--workers", "1")
-        try:
-            await wait_listening(worker)
-            async with producer(queue) as app:
-                tasks: list[Any] = await app.double.kiq_many(range(1000), "t")
-                results = [await t.wait_result(timeout=60) for t in tasks]
-                counts = await processed(queue)
-                calls = await recorded_calls(queue)
-        finally:
-            kill(worker)
+    ) as (_, app):
+        tasks: list[Any] = await app.double.kiq_many(range(1000), "t")
+        results = [await t.wait_result(timeout=60) for t in tasks]
+        counts = await processed(queue)
+        calls = await recorded_calls(queue)
 
     assert [r.return_value for r in results] == [2 * i for i in range(1000)]
     assert counts == dict.fromkeys(range(1000), 1), "each item exactly once"

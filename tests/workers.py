@@ -125,6 +125,23 @@ async def producer(queue: str) -> AsyncIterator[ModuleType]:
         sys.modules.pop(APP, None)
 
 
+@asynccontextmanager
+async def serving(
+    queue: str, *flags: str, **settings: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], ModuleType]]:
+    """One listening worker process (``--workers 1`` plus `flags`) serving the
+    app configured by `settings` on `queue`, and the app on the producer side;
+    the worker is killed on the way out, whatever state it is in."""
+    with app_env(queue, **settings) as env:
+        worker = start_worker(env, "--workers", "1", *flags)
+        try:
+            await wait_listening(worker)
+            async with producer(queue) as app:
+                yield worker, app
+        finally:
+            kill(worker)
+
+
 async def remove_queue(app: ModuleType, queue: str) -> None:
     """Delete the test's queue on its broker and its Redis keys."""
     client = redis.from_url(REDIS_URL)
