@@ -144,11 +144,13 @@ class Mode:
     flags: tuple[str, ...]
 
 
+RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 MODES = {
     "plain": Mode(batched=False, lock=False, flags=()),
-    "batched": Mode(batched=True, lock=False, flags=("--max-async-tasks", "500")),
+    "batched": Mode(batched=True, lock=False, flags=RECEIVER),
     "plain_lock": Mode(batched=False, lock=True, flags=()),
-    "batched_lock": Mode(batched=True, lock=True, flags=("--max-async-tasks", "500")),
+    "batched_lock": Mode(batched=True, lock=True, flags=RECEIVER),
+    "batched_stock": Mode(batched=True, lock=False, flags=("--max-async-tasks", "500")),
     "batched_defaults": Mode(batched=True, lock=False, flags=()),
     "plain_async500": Mode(
         batched=False, lock=False, flags=("--max-async-tasks", "500")

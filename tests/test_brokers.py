@@ -42,6 +42,7 @@ ACKING = {"stream", "rabbitmq", "nats"}
 # the connection drops). Longer than any batch here is buffered while its
 # worker lives, so a healthy worker never sees its own messages redelivered.
 REDELIVER_AFTER = {"stream": "5", "nats": "10"}
+RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 
 
 async def kick_all(
@@ -54,15 +55,22 @@ async def kick_all(
     return tasks
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "how", "receiver"),
+    [
+        *((kind, how, "stock") for kind in KINDS for how in ("TERM", "INT")),
+        *((kind, "TERM", "batchtask") for kind in ("stream", "rabbitmq", "nats")),
+    ],
+)
 async def test_graceful_shutdown_runs_partial_batches_at_once(
-    kind: str, how: signal.Signals
+    kind: str, how: str, receiver: str
 ) -> None:
     require_broker(kind)
     queue = new_queue()
+    signum = signal.Signals[f"SIG{how}"]
     async with serving(
         queue,
+        *(RECEIVER if receiver != "stock" else ()),
         BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="100",
         BATCHTASK_BATCH_TIMEOUT="600",
@@ -72,13 +80,16 @@ async def test_graceful_shutdown_runs_partial_batches_at_once(
         await asyncio.sleep(0.3)
         buffered_calls = await recorded_calls(queue)
         signalled = time.monotonic()
-        worker.send_signal(how)
+        worker.send_signal(signum)
         code = await wait_exit(worker)
         stopped = time.monotonic() - signalled
         results = [await t.wait_result(timeout=30) for t in tasks]
         calls = await recorded_calls(queue)
 
-    print(f"shutdown[{kind}, SIG{how.name[3:]}]: exit {code} after {stopped:.2f} s")
+    print(
+        f"shutdown[{kind}, SIG{how}, {receiver} receiver]: exit {code} "
+        f"after {stopped:.2f} s"
+    )
     assert buffered_calls == [], "buffered, not called before the signal"
     assert code == 0, f"worker exited with {code}"
     assert stopped < 600 / 10, "the buffer ran at once, not after batch_timeout"
@@ -86,16 +97,22 @@ async def test_graceful_shutdown_runs_partial_batches_at_once(
     assert [sorted(call) for _, call in calls] == [list(range(30))]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("kind", "receiver"),
+    [(kind, "stock") for kind in KINDS]
+    + [(kind, "batchtask") for kind in ["stream", "rabbitmq", "nats"]],
+)
 async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
-    kind: str,
+    kind: str, receiver: str
 ) -> None:
     """SIGKILL a worker holding items in a batch; a new worker finishes the rest.
 
     On the brokers with acknowledgements every item is processed at least
     once, so nothing was acknowledged before its batch ran; the Redis list
     broker acknowledges on receipt, so the items the killed worker held are
-    lost: the test measures how many.
+    lost: the test measures how many. With ``BatchReceiver`` (grouped acks
+    and results, buffered items without a task slot) the first worker holds
+    150 items without a slot plus 100 with one.
     """
     require_broker(kind)
     queue = new_queue()
@@ -108,9 +125,11 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
         "BATCHTASK_REDELIVER_AFTER": redeliver,
     }
     with app_env(queue, **first_settings) as env:
-        first = start_worker(
-            env, "--workers", "1", "--max-async-tasks", str(held_at_most)
-        )
+        if receiver == "stock":
+            limits: tuple[str, ...] = ("--max-async-tasks", str(held_at_most))
+        else:
+            limits = (*RECEIVER, "--receiver_arg", "max_buffered=150")
+        first = start_worker(env, "--workers", "1", *limits)
     try:
         await wait_listening(first)
         with app_env(queue, **first_settings):
@@ -132,7 +151,12 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
                     "BATCHTASK_BATCH_TIMEOUT": "0.5",
                 }
                 with app_env(queue, **second_settings) as env:
-                    second = start_worker(env, "--workers", "1")
+                    second = start_worker(
+                        env,
+                        "--workers",
+                        "1",
+                        *(RECEIVER if receiver != "stock" else ()),
+                    )
                 try:
                     await wait_listening(second)
                     expected = count if kind in ACKING else count - held
@@ -164,7 +188,8 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
     lost = count - len(counts)
     duplicated = sum(counts.values()) - len(counts)
     print(
-        f"crash[{kind}]: kicked {count}, held by the killed worker {held}, "
+        f"crash[{kind}, {receiver} receiver]: kicked {count}, "
+        f"held by the killed worker {held}, "
         f"processed {len(counts)}, duplicated {duplicated}, lost {lost}"
     )
     assert called_before_kill == [], "no batch ran before the kill"

@@ -183,7 +183,8 @@ def test_a_worker_whose_max_async_tasks_caps_a_batch_warns_naming_the_flag() -> 
     assert "--max-async-tasks=100" in warning
     assert "app:save (batch_size=500)" in warning
     assert "app:small" not in warning
-    assert "Fix: start the worker with --max-async-tasks 500 or more" in warning
+    assert "Fix: start the worker with --receiver batchtask:BatchReceiver" in warning
+    assert "or with --max-async-tasks 500 or more" in warning
     assert (
         capped_batch_warning(
             sizes, ["worker", "app:broker", "--max-async-tasks", "600"]

@@ -21,6 +21,7 @@ from batchtask._errors import (
 )
 from batchtask._lifecycle import flush_all
 from batchtask._task import BatchKicker, BatchTask, batch_task
+from batchtask.worker import BatchReceiver
 
 __all__ = [
     "BatchArgumentError",
@@ -28,6 +29,7 @@ __all__ = [
     "BatchConfig",
     "BatchConfigError",
     "BatchKicker",
+    "BatchReceiver",
     "BatchResultError",
     "BatchTask",
     "BatchTaskError",

@@ -15,6 +15,7 @@ message and listed here under that loop with the task's broker, so that:
 """
 
 import asyncio
+import contextvars
 import logging
 import signal
 import sys
@@ -71,6 +72,28 @@ _observers: "weakref.WeakKeyDictionary[AsyncBroker, Observer]" = (
     weakref.WeakKeyDictionary()
 )
 """Where each broker's batch tasks report (`batchtask.metrics`)."""
+_receiver_limits: "weakref.WeakKeyDictionary[AsyncBroker, int]" = (
+    weakref.WeakKeyDictionary()
+)
+"""Brokers served by a `BatchReceiver`: items it buffers without a slot (0: no cap)."""
+
+parking: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "batchtask_parking", default=None
+)
+"""Set by `BatchReceiver` in its callbacks: an entry point calls it once its
+item is buffered, to give the message's worker slot back."""
+
+
+def receiver_started(broker: AsyncBroker, max_buffered: int | None) -> None:
+    """Note that a `BatchReceiver` serves `broker`.
+
+    `max_buffered` is how many items it buffers without a slot, 0 if the
+    worker has no task limit at all, None if it cannot lift the cap.
+    """
+    if max_buffered is None:
+        _receiver_limits.pop(broker, None)
+    else:
+        _receiver_limits[broker] = max_buffered
 
 
 def observe(broker: AsyncBroker, observer: Observer) -> None:
@@ -148,8 +171,11 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
         if not broker.is_worker_process:
             return
         sizes = _watched_brokers.get(broker, {})
+        buffered = _receiver_limits.get(broker)
         for warning in (
-            capped_batch_warning(sizes, sys.argv),
+            capped_batch_warning(sizes, sys.argv)
+            if buffered is None
+            else receiver_cap_warning(sizes, buffered),
             prefetch_warning(broker, sizes),
         ):
             if warning:
@@ -180,7 +206,22 @@ def capped_batch_warning(sizes: dict[str, int], argv: list[str]) -> str | None:
         f"batchtask: taskiq worker --max-async-tasks={limit} counts every buffered "
         f"item, so these batches can never fill up on this worker and will wait "
         f"batch_timeout each time: {tasks}. Fix: start the worker with "
+        f"--receiver batchtask:BatchReceiver (lifts the cap), or with "
         f"--max-async-tasks {largest} or more (or lower batch_size)."
+    )
+
+
+def receiver_cap_warning(sizes: dict[str, int], max_buffered: int) -> str | None:
+    """Say which batch sizes exceed what a `BatchReceiver` buffers without a slot."""
+    capped = _capped(sizes, max_buffered)
+    if capped is None:
+        return None
+    tasks, largest = capped
+    return (
+        f"batchtask: BatchReceiver(max_buffered={max_buffered}) holds at most "
+        f"{max_buffered} buffered items per worker without a task slot, so these "
+        f"batches may not fill up: {tasks}. Fix: --receiver_arg "
+        f"max_buffered={largest} or more (or lower batch_size)."
     )
 
 

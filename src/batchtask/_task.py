@@ -278,6 +278,9 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         entry = batcher.submit(
             bound.key, (item, bound), flush_now=self._runs_in_place()
         )
+        park = _lifecycle.parking.get()
+        if park is not None:
+            park()  # a BatchReceiver: this message needs no worker slot now
         return await batcher.result(entry)
 
     def _batcher(self) -> Batcher[_Pending, Any]:

@@ -1,0 +1,273 @@
+"""Result writes and acks of one batch, sent to Redis in one round trip.
+
+When a batch's call ends, every item's receiver callback wakes in the same
+turn of the event loop, and each stores its result and then acks its message.
+These helpers collect what arrives in one loop turn and send it together:
+
+- `GroupedResultBackend` wraps a broker's result backend. For taskiq-redis's
+  ``RedisAsyncResultBackend`` (exactly that class) it writes the results of
+  one loop turn in one pipeline, each under the key, with the value and the
+  expiry the backend's own ``set_result`` uses; every other backend, and
+  every other method, is called as before.
+- `GroupedAcks` acks taskiq-redis ``RedisStreamBroker`` messages of one loop
+  turn with one ``XACK`` per stream.
+
+Each caller still waits for its own write and gets its own outcome: a result
+is stored, and a message acked, before the call returns, exactly as with one
+write per item; a write that fails fails its own caller only (a lost
+connection fails every caller of that round trip, as it would have failed
+each of them alone).
+"""
+
+import asyncio
+import copy
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from taskiq import AsyncBroker, AsyncResultBackend, TaskiqResult
+
+T = TypeVar("T")
+
+Send = Callable[[list[T]], Awaitable[Sequence[BaseException | None]]]
+"""Sends requests at once; returns each one's error, or None."""
+
+
+class Coalescer(Generic[T]):
+    """Collects the requests made in one loop turn and sends them with one call."""
+
+    def __init__(self, send: Send[T]) -> None:
+        """Send what `submit` collects with `send`."""
+        self._send = send
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.rounds = 0
+        """Calls of `send` so far (for tests and benchmarks)."""
+
+    async def submit(self, request: T) -> None:
+        """Send `request` with the others of this loop turn; raise its error."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._pending = []
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush, loop)
+        self._pending.append((request, future))
+        await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.rounds += 1
+        task = loop.create_task(self._deliver(pending))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _deliver(self, pending: list[tuple[T, "asyncio.Future[None]"]]) -> None:
+        errors: Sequence[BaseException | None]
+        try:
+            errors = await self._send([request for request, _ in pending])
+        except asyncio.CancelledError:
+            for _, future in pending:
+                future.cancel()
+            raise
+        except Exception as exc:
+            # One exception object per caller: each raises it in its own task.
+            errors = [copy.copy(exc) for _ in pending]
+        for (_, future), error in zip(pending, errors, strict=True):
+            if future.done():
+                continue  # its caller was cancelled; the write happened anyway
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+class GroupedResultBackend(AsyncResultBackend[Any]):
+    """A result backend that stores the results of one loop turn together.
+
+    Wraps `inner`; see the module's documentation for what is grouped.
+    Attributes it does not define are read from `inner`.
+    """
+
+    def __init__(self, inner: AsyncResultBackend[Any]) -> None:
+        """Wrap `inner`, grouping its writes where it is known how."""
+        self.inner = inner
+        self.group: Coalescer[tuple[str, TaskiqResult[Any]]] | None = None
+        write = _redis_result_writer(inner)
+        if write is not None:
+            self.group = Coalescer(write)
+
+    def __getattr__(self, name: str) -> Any:
+        """Read what this wrapper does not define from the wrapped backend."""
+        if name == "inner":  # not set yet: avoid recursing during __init__
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    async def startup(self) -> None:
+        """Start the wrapped backend."""
+        await self.inner.startup()
+
+    async def shutdown(self) -> None:
+        """Shut the wrapped backend down."""
+        await self.inner.shutdown()
+
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        """Store `result` under `task_id` (with this loop turn's other results)."""
+        if self.group is None:
+            await self.inner.set_result(task_id, result)
+        else:
+            await self.group.submit((task_id, result))
+
+    async def is_result_ready(self, task_id: str) -> bool:
+        """Ask the wrapped backend."""
+        return await self.inner.is_result_ready(task_id)
+
+    async def get_result(
+        self, task_id: str, with_logs: bool = False
+    ) -> TaskiqResult[Any]:
+        """Read from the wrapped backend."""
+        return await self.inner.get_result(task_id, with_logs=with_logs)
+
+    async def set_progress(self, task_id: str, progress: Any) -> None:
+        """Store progress through the wrapped backend."""
+        await self.inner.set_progress(task_id, progress)
+
+    async def get_progress(self, task_id: str) -> Any:
+        """Read progress from the wrapped backend."""
+        return await self.inner.get_progress(task_id)
+
+
+def _redis_result_writer(
+    backend: AsyncResultBackend[Any],
+) -> Send[tuple[str, TaskiqResult[Any]]] | None:
+    """A pipelined ``set_result`` for ``RedisAsyncResultBackend``, else None."""
+    try:
+        from redis.asyncio import Redis
+        from taskiq_redis import RedisAsyncResultBackend
+    except ImportError:
+        return None
+    if not isinstance(backend, RedisAsyncResultBackend):
+        return None
+    if type(backend) is not RedisAsyncResultBackend:  # a subclass may store differently
+        return None
+    redis_backend = backend
+    # The same expiry choice as RedisAsyncResultBackend.set_result.
+    ex = redis_backend.result_ex_time or None
+    px = None if ex else redis_backend.result_px_time or None
+
+    async def write(
+        requests: list[tuple[str, TaskiqResult[Any]]],
+    ) -> list[BaseException | None]:
+        errors: list[BaseException | None] = [None] * len(requests)
+        queued: list[int] = []
+        async with Redis(connection_pool=redis_backend.redis_pool) as connection:
+            pipeline = connection.pipeline(transaction=False)
+            for index, (task_id, result) in enumerate(requests):
+                try:
+                    value = redis_backend.serializer.dumpb(
+                        result.model_dump(mode="json")
+                    )
+                except Exception as exc:  # this result only: it cannot be stored
+                    errors[index] = exc
+                    continue
+                name = redis_backend._task_name(task_id)  # pyright: ignore[reportPrivateUsage]
+                pipeline.set(name=name, value=value, ex=ex, px=px)
+                queued.append(index)
+            if queued:
+                replies = await pipeline.execute(raise_on_error=False)
+                for index, reply in zip(queued, replies, strict=True):
+                    if isinstance(reply, BaseException):
+                        errors[index] = reply
+        return errors
+
+    return write
+
+
+class GroupedAcks:
+    """Acks ``RedisStreamBroker`` messages of one loop turn: one XACK per stream."""
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        """Group the acks of `broker`'s messages (see `for_broker`)."""
+        self.broker: Any = broker
+        self.group: Coalescer[tuple[str | bytes, Any]] = Coalescer(self._xack)
+
+    @classmethod
+    def for_broker(cls, broker: AsyncBroker) -> "GroupedAcks | None":
+        """Grouped acks for a taskiq-redis ``RedisStreamBroker``, else None."""
+        try:
+            from taskiq_redis import RedisStreamBroker
+        except ImportError:
+            return None
+        if type(broker) is not RedisStreamBroker:
+            return None
+        return cls(broker)
+
+    def wrap(
+        self, ack: Callable[[], Awaitable[None] | None]
+    ) -> Callable[[], Awaitable[None]] | None:
+        """A grouped version of one message's `ack`, or None if it is not known.
+
+        ``RedisStreamBroker`` gives each message an ack closure over the
+        message's id and stream; only such a closure of this very broker is
+        grouped (read, never changed), anything else keeps its own ack.
+        """
+        target = _stream_ack_target(ack, self.broker)
+        if target is None:
+            return None
+        submit = self.group.submit
+
+        async def grouped_ack() -> None:
+            await submit(target)
+
+        return grouped_ack
+
+    async def _xack(
+        self, requests: list[tuple[str | bytes, Any]]
+    ) -> list[BaseException | None]:
+        from redis.asyncio import Redis
+
+        streams: dict[str | bytes, list[int]] = {}
+        for index, (stream, _) in enumerate(requests):
+            streams.setdefault(stream, []).append(index)
+        errors: list[BaseException | None] = [None] * len(requests)
+        broker = self.broker
+        async with Redis(connection_pool=broker.connection_pool) as connection:
+            pipeline = connection.pipeline(transaction=False)
+            for stream, indexes in streams.items():
+                ids = [requests[index][1] for index in indexes]
+                pipeline.xack(stream, broker.consumer_group_name, *ids)
+            replies = await pipeline.execute(raise_on_error=False)
+        for indexes, reply in zip(streams.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                for index in indexes:
+                    errors[index] = reply
+        return errors
+
+
+_STREAM_ACK = "RedisStreamBroker._ack_generator.<locals>._ack"
+
+
+def _stream_ack_target(
+    ack: Callable[..., Any], broker: AsyncBroker
+) -> tuple[str | bytes, Any] | None:
+    """(stream, message id) a ``RedisStreamBroker`` ack closure acks, or None."""
+    code = getattr(ack, "__code__", None)
+    cells = getattr(ack, "__closure__", None)
+    if code is None or cells is None or ack.__qualname__ != _STREAM_ACK:
+        return None
+    try:
+        bound = {
+            name: cell.cell_contents
+            for name, cell in zip(code.co_freevars, cells, strict=True)
+        }
+    except ValueError:  # an empty cell
+        return None
+    stream, message_id = bound.get("queue_name"), bound.get("id")
+    if bound.get("self") is not broker or not isinstance(stream, (str, bytes)):
+        return None
+    if not isinstance(message_id, (str, bytes)):
+        return None
+    return stream, message_id
