@@ -37,11 +37,12 @@ class BoundItem(NamedTuple):
     """One message's arguments, split the way a batch call needs them."""
 
     item: Any
+    """The item, validated (see `BatchSignature.bind`)."""
     args: tuple[Any, ...]
     """Extra positional arguments, passed after the list of items."""
-    kwargs: dict[str, Any]
+    kwargs: Mapping[str, Any]
     """Extra keyword arguments (keyword-only and ``**kwargs`` parameters)."""
-    injected: dict[str, Any]
+    injected: Mapping[str, Any]
     """Dependencies taskiq resolved for this message, by parameter name."""
     key: GroupKey
     """Equal for items whose extra arguments are equal: they share a batch."""
@@ -143,19 +144,27 @@ class BatchSignature:
         )
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundItem:
-        """Bind one message's arguments on the worker and compute its group key.
+        """Bind one message's arguments on the worker: validate the item, key it.
 
         `kwargs` also holds the dependencies taskiq resolved for the message.
-        Raises `BatchArgumentError` naming the task and the offending argument.
+        Raises `BatchArgumentError` naming the task and the offending argument,
+        or `ItemValidationError` for an item that is not valid.
         """
         if not kwargs and len(args) == self._plain_arity:
             # Fast path: each argument fills its own parameter, in order; the
             # key is the one the general path computes for the same values.
+            if len(args) == 1:
+                return BoundItem(
+                    self.validate_item(args[0]), (), _EMPTY, _EMPTY, _ITEM_ONLY_KEY
+                )
             call_args = tuple(args[1:])
             key = (freeze(call_args), _NO_KWARGS_KEY)
-            return BoundItem(args[0], call_args, {}, {}, key)
+            return BoundItem(
+                self.validate_item(args[0]), call_args, _EMPTY, _EMPTY, key
+            )
         item, call_args, call_kwargs, injected = self._split(args, kwargs, worker=True)
         key = (freeze(call_args), freeze(call_kwargs))
+        item = self.validate_item(item)
         return BoundItem(item, call_args, call_kwargs, injected, key)
 
     def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -298,6 +307,10 @@ def freeze(value: object) -> Hashable:
 
 _NO_KWARGS_KEY = freeze({})
 """The key part of a call without keyword arguments."""
+_ITEM_ONLY_KEY = (freeze(()), _NO_KWARGS_KEY)
+"""The key of a message that holds the item alone."""
+_EMPTY: Mapping[str, Any] = types.MappingProxyType({})
+"""No keyword arguments (shared, read-only)."""
 
 
 def _item_type(

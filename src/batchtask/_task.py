@@ -61,7 +61,6 @@ CallT = TypeVar("CallT")
 P = ParamSpec("P")
 EntryP = ParamSpec("EntryP")
 
-_Pending = tuple[Any, BoundItem]
 """A buffered item: its validated value, and its message's bound arguments."""
 
 
@@ -129,7 +128,9 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         self.signature = BatchSignature.of(func, task_name or _default_task_name(func))
         self._is_async = _is_async_callable(func)
         self.return_type = _item_return_type(func, config.results)
-        self._batchers: dict[asyncio.AbstractEventLoop, Batcher[_Pending, Any]] = {}
+        self._batchers: dict[
+            asyncio.AbstractEventLoop, tuple[Batcher[BoundItem, Any], bool]
+        ] = {}
 
         registered = broker.register_task(
             self._entry_point(func),
@@ -254,11 +255,22 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
 
     def _entry_point(self, func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         """The per-message function taskiq registers and its receiver calls."""
-        signature = self.signature
-        run_item = self._run_item
+        bind = self.signature.bind
+        batcher_here = self._batcher
+        parking = _lifecycle.parking
 
         async def entry(*args: Any, **kwargs: Any) -> Any:
-            return await run_item(args, kwargs)
+            # One message in, that item's outcome out (kept to one coroutine:
+            # this runs once per item).
+            bound = bind(args, kwargs)
+            batcher, in_place = batcher_here()
+            item = batcher.submit(bound.key, bound, flush_now=in_place)
+            park = parking.get()
+            if park is not None:
+                park()  # a BatchReceiver: this message needs no worker slot now
+            return await batcher.result(item)
+
+        signature = self.signature
 
         # What inspect.signature and taskiq's dependency graph read; functions
         # keep such attributes in their __dict__.
@@ -270,49 +282,38 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         entry.__doc__ = func.__doc__
         return entry
 
-    async def _run_item(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The entry point's body: one message in, that item's outcome out."""
-        bound = self.signature.bind(args, kwargs)
-        item = self.signature.validate_item(bound.item)
-        batcher = self._batcher()
-        entry = batcher.submit(
-            bound.key, (item, bound), flush_now=self._runs_in_place()
-        )
-        park = _lifecycle.parking.get()
-        if park is not None:
-            park()  # a BatchReceiver: this message needs no worker slot now
-        return await batcher.result(entry)
-
-    def _batcher(self) -> Batcher[_Pending, Any]:
+    def _batcher(self) -> tuple[Batcher[BoundItem, Any], bool]:
+        """The running loop's batcher, and whether it runs messages in place."""
         loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
+        found = self._batchers.get(loop)
+        if found is None:
             for stale in [known for known in self._batchers if known.is_closed()]:
                 del self._batchers[stale]
-            batcher = self._batchers[loop] = _lifecycle.new_batcher(
+            batcher = _lifecycle.new_batcher(
                 self.broker,
                 self._run_batch,
                 name=self.task_name,
                 batch_size=self.config.batch_size,
                 batch_timeout=self.config.batch_timeout,
             )
-        return batcher
+            found = self._batchers[loop] = (batcher, self._runs_in_place())
+        return found
 
     def _runs_in_place(self) -> bool:
         broker = self.broker
         return isinstance(broker, InMemoryBroker) and broker.await_inplace
 
-    async def _run_batch(self, batch: Batch[_Pending, Any]) -> None:
+    async def _run_batch(self, batch: Batch[BoundItem, Any]) -> None:
         live = [entry for entry in batch.entries if not entry.future.done()]
         if not live:
             return
-        leader = live[0].value[1]
+        leader = live[0].value
 
         async def call(items: list[Any]) -> Any:
             return await self._call(items, leader)
 
         outcomes = await settle(
-            [entry.value[0] for entry in live],
+            [entry.value.item for entry in live],
             call,
             task_name=self.task_name,
             results=self.config.results,
@@ -333,12 +334,11 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
 
     async def _call(self, items: list[Any], bound: BoundItem) -> Any:
         func = self.original_func
+        kwargs = {**bound.kwargs, **bound.injected}
         if self._is_async:
-            returned = func(items, *bound.args, **bound.kwargs, **bound.injected)
+            returned = func(items, *bound.args, **kwargs)
         else:
-            returned = await asyncio.to_thread(
-                func, items, *bound.args, **bound.kwargs, **bound.injected
-            )
+            returned = await asyncio.to_thread(func, items, *bound.args, **kwargs)
         if inspect.isawaitable(returned):
             returned = await returned
         return returned
