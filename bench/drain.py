@@ -18,14 +18,21 @@ Modes (one task registered per worker, the same for producer and worker):
 - ``plain_lock`` / ``batched_lock``: the same, but each *call* holds a
   process-wide ``asyncio.Lock`` for 2 ms (one DB connection, a rate-limited
   API): per item for plain, per batch for batched;
+- ``plain_pg`` / ``batched_pg`` / ``batched_pg_many`` (named in ``--modes``;
+  need PostgreSQL on 127.0.0.1:5432, database ``test``, and asyncpg): each
+  worker process opens an asyncpg pool of 4 connections at startup; plain
+  INSERTs one row per item, batched writes a batch with one COPY
+  (``copy_records_to_table``) or one ``executemany`` INSERT. Each run gets its
+  own table, counted (rows and distinct ids must equal N) and dropped after;
 - not run unless named in ``--modes``: ``batched_defaults``, ``batched`` under
   the worker's default flags (``--max-async-tasks 100``), and
   ``plain_async500``, ``plain`` with ``--max-async-tasks 500``; they separate
   the flag's effect from batching's.
 
 Every worker is ``taskiq worker drain:broker --workers 2`` with default flags
-(INFO logging to a file included), plus ``--max-async-tasks 500`` for
-``batched`` and ``batched_lock``. Results go to taskiq-redis's
+(INFO logging to a file included), plus ``--receiver batchtask:BatchReceiver``
+for the batched modes (``batched_stock``: the stock receiver with
+``--max-async-tasks 500`` instead). Results go to taskiq-redis's
 ``RedisAsyncResultBackend`` for every broker. Brokers: ``stream``
 (``RedisStreamBroker``), ``rabbitmq`` (``AioPikaBroker``, ``qos=1000``) and
 ``nats`` (``PullBasedJetStreamBroker``, ``pull_consume_batch=100``,
@@ -122,6 +129,8 @@ PLAIN_KICK_CHUNK = 200
 STARTUP_LIMIT = 90.0
 STALL_LIMIT = 30.0
 RESULT_EX_TIME = 900
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_POOL = 4
 
 BROKERS = {
     "stream": "Redis stream (RedisStreamBroker)",
@@ -137,26 +146,38 @@ SERVERS = {
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of draining: which task, and the worker's extra flags."""
+    """One way of draining: which task, its work, and the worker's extra flags.
+
+    work: ``noop``; ``lock`` (2 ms under a process-wide lock per call);
+    ``pg`` (PostgreSQL: one INSERT per item, or one COPY per batch);
+    ``pg_many`` (one ``executemany`` INSERT per batch).
+    """
 
     batched: bool
-    lock: bool
     flags: tuple[str, ...]
+    work: str = "noop"
+
+    @property
+    def lock(self) -> bool:
+        """Whether each call holds the process-wide lock."""
+        return self.work == "lock"
 
 
 RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 MODES = {
-    "plain": Mode(batched=False, lock=False, flags=()),
-    "batched": Mode(batched=True, lock=False, flags=RECEIVER),
-    "plain_lock": Mode(batched=False, lock=True, flags=()),
-    "batched_lock": Mode(batched=True, lock=True, flags=RECEIVER),
-    "batched_stock": Mode(batched=True, lock=False, flags=("--max-async-tasks", "500")),
-    "batched_defaults": Mode(batched=True, lock=False, flags=()),
-    "plain_async500": Mode(
-        batched=False, lock=False, flags=("--max-async-tasks", "500")
-    ),
+    "plain": Mode(batched=False, flags=()),
+    "batched": Mode(batched=True, flags=RECEIVER),
+    "plain_lock": Mode(batched=False, flags=(), work="lock"),
+    "batched_lock": Mode(batched=True, flags=RECEIVER, work="lock"),
+    "plain_pg": Mode(batched=False, flags=(), work="pg"),
+    "batched_pg": Mode(batched=True, flags=RECEIVER, work="pg"),
+    "batched_pg_many": Mode(batched=True, flags=RECEIVER, work="pg_many"),
+    "batched_stock": Mode(batched=True, flags=("--max-async-tasks", "500")),
+    "batched_defaults": Mode(batched=True, flags=()),
+    "plain_async500": Mode(batched=False, flags=("--max-async-tasks", "500")),
 }
 DEFAULT_MODES = ["plain", "batched", "plain_lock", "batched_lock"]
+PG_MODES = ["plain_pg", "batched_pg", "batched_pg_many"]
 
 
 class DrainError(Exception):
@@ -203,6 +224,55 @@ class Completions:
                     pipe.hincrby(self.key, "calls", calls)
                     pipe.hincrbyfloat(self.key, "lock_s", lock_s)
                     await pipe.execute()
+
+
+class Rows:
+    """A PostgreSQL table of the run, written through a small asyncpg pool.
+
+    The pool (``PG_POOL`` connections per worker process) opens at worker
+    startup, before the measured window.
+    """
+
+    def __init__(self, table: str) -> None:
+        """Write to `table` (created and dropped by the benchmark)."""
+        self.table = table
+        self.pool: Any = None
+
+    async def start(self, state: TaskiqState) -> None:
+        """Open the pool (a WORKER_STARTUP handler)."""
+        import asyncpg
+
+        self.pool = await asyncpg.create_pool(
+            PG_DSN, min_size=PG_POOL, max_size=PG_POOL
+        )
+
+    async def insert_one(self, item: int) -> None:
+        """One INSERT for one item."""
+        await self.pool.execute(
+            f"INSERT INTO {self.table} (id, payload) VALUES ($1, $2)",
+            item,
+            f"item {item}",
+        )
+
+    async def copy(self, items: list[int]) -> None:
+        """One COPY for a batch."""
+        await self.pool.copy_records_to_table(
+            self.table,
+            records=[(item, f"item {item}") for item in items],
+            columns=["id", "payload"],
+        )
+
+    async def insert_many(self, items: list[int]) -> None:
+        """One executemany INSERT for a batch."""
+        await self.pool.executemany(
+            f"INSERT INTO {self.table} (id, payload) VALUES ($1, $2)",
+            [(item, f"item {item}") for item in items],
+        )
+
+
+def table_name(queue: str) -> str:
+    """The run's PostgreSQL table."""
+    return queue.replace("-", "_")
 
 
 async def held(lock: asyncio.Lock) -> float:
@@ -268,7 +338,38 @@ def build_app(kind: str, queue: str, mode_name: str) -> tuple[AsyncBroker, Any]:
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, done.start)
     lock = asyncio.Lock()
     task: Any
-    if mode.batched and mode.lock:
+    rows = Rows(table_name(queue))
+    if mode.work.startswith("pg"):
+        broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, rows.start)
+    if mode.batched and mode.work == "pg":
+
+        @batch_task(
+            broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="b:pg"
+        )
+        async def copy_batch(items: list[int]) -> None:
+            await rows.copy(items)
+            done.add(len(items))
+
+        task = copy_batch
+    elif mode.batched and mode.work == "pg_many":
+
+        @batch_task(
+            broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="b:pm"
+        )
+        async def insert_batch(items: list[int]) -> None:
+            await rows.insert_many(items)
+            done.add(len(items))
+
+        task = insert_batch
+    elif mode.work == "pg":
+
+        @broker.task(task_name="p:pg")
+        async def insert(item: int) -> None:
+            await rows.insert_one(item)
+            done.add(1)
+
+        task = insert
+    elif mode.batched and mode.lock:
 
         @batch_task(
             broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="b:nl"
@@ -311,6 +412,22 @@ if os.environ.get(ENV_QUEUE):
 
 
 # --- servers, queues, processes ---
+
+
+def require_pg() -> None:
+    """Exit with a message unless PostgreSQL answers and asyncpg is installed."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "drain.py: the PostgreSQL modes need asyncpg: ./scripts/bench installs it"
+        ) from None
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        raise SystemExit(
+            "drain.py: PostgreSQL not reachable on 127.0.0.1:5432"
+        ) from None
 
 
 def require_servers(kinds: list[str]) -> None:
@@ -438,12 +555,12 @@ def kill(worker: subprocess.Popen[bytes]) -> None:
         worker.wait(timeout=30)
 
 
-SERVER_PROCESSES = ("redis-server", "beam.smp", "nats-server")
-"""The broker servers' process names (/proc/<pid>/comm): Redis, RabbitMQ, NATS."""
+SERVER_PROCESSES = ("redis-server", "beam.smp", "nats-server", "postgres")
+"""Server process names (/proc/<pid>/comm): Redis, RabbitMQ, NATS, PostgreSQL."""
 
 
 def server_pids() -> list[int]:
-    """The pids of the local Redis, RabbitMQ and NATS servers."""
+    """The pids of the local Redis, RabbitMQ, NATS and PostgreSQL servers."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -568,7 +685,8 @@ async def measure(
         if waiting != items:
             raise DrainError(f"prefill left {waiting} messages queued, not {items}")
 
-        servers = server_pids()
+        if MODES[mode_name].work.startswith("pg"):
+            await pg_table(table_name(queue), create=True)
         started = time.perf_counter()
         worker = start_worker(kind, queue, mode_name, log)
         watcher = LogWatcher(log)
@@ -585,6 +703,7 @@ async def measure(
                 raise DrainError(f"the worker did not listen within {STARTUP_LIMIT} s")
             await asyncio.sleep(POLL_EVERY)
         done_at_start = int(await client.hget(counter, "items") or 0)
+        servers = server_pids()  # again: the workers' PostgreSQL backends too
         t0 = time.perf_counter()
         machine0 = machine_busy_seconds()
         servers0 = cpu_seconds(servers)
@@ -627,6 +746,9 @@ async def measure(
         }
         await client.aclose()
         await remove_queue(kind, queue, task_ids)
+        rows = None
+        if MODES[mode_name].work.startswith("pg"):
+            rows = await pg_table(table_name(queue), create=False)
         if failed and log.exists():
             print(log_tail(log), file=sys.stderr)
         log.unlink(missing_ok=True)
@@ -660,10 +782,31 @@ async def measure(
             if calls and MODES[mode_name].lock
             else None
         ),
+        "pg_rows": rows,
         "profiled": profiler is not None,
         "profile_files": [str(p) for p in profiler.files] if profiler else [],
         "progress": [[round(t, 3), c] for t, c in samples[::step] + samples[-1:]],
     }
+
+
+async def pg_table(table: str, *, create: bool) -> tuple[int, int] | None:
+    """Create the run's table, or count its (rows, distinct ids) and drop it."""
+    import asyncpg
+
+    connection = await asyncpg.connect(PG_DSN)
+    try:
+        if create:
+            await connection.execute(
+                f"CREATE TABLE {table} (id integer NOT NULL, payload text NOT NULL)"
+            )
+            return None
+        counted = await connection.fetchrow(
+            f"SELECT count(*) AS n, count(DISTINCT id) AS d FROM {table}"
+        )
+        await connection.execute(f"DROP TABLE {table}")
+        return (int(counted["n"]), int(counted["d"]))
+    finally:
+        await connection.close()
 
 
 def steady_rate(samples: list[tuple[float, int]], start: int, items: int) -> float:
@@ -790,7 +933,7 @@ items/s: (N - items done before both worker processes listened) / (time from
 then to the last item); steady: the same between 10 % and 90 % of those items.
 CPU µs/item: user+sys CPU of the worker's process group per item, same window.
 cores: average cores busy in the window: the worker; the servers (redis-server,
-beam.smp, nats-server); everything else on the machine (other load, noise).
+beam.smp, nats-server, postgres); everything else on the machine (other load).
 call size: mean items per function call; lock ms: mean time a call held the
 lock; start: worker start to both processes listening. Medians over rounds.
 """
@@ -841,6 +984,8 @@ def table(kind: str, runs: list[dict[str, Any]], modes: list[str]) -> list[str]:
         ("batched", "plain", ""),
         ("batched_lock", "plain_lock", ""),
         ("batched_lock", "batched", " (2 ms lock per batch vs the no-op ceiling)"),
+        ("batched_pg", "plain_pg", " (COPY per batch vs INSERT per item)"),
+        ("batched_pg_many", "plain_pg", " (executemany per batch vs INSERT per item)"),
         ("batched_defaults", "batched", " (--max-async-tasks default 100 vs 500)"),
         ("plain_async500", "plain", " (--max-async-tasks 500 vs default 100)"),
         ("batched", "plain_async500", " (both --max-async-tasks 500)"),
@@ -855,6 +1000,13 @@ def table(kind: str, runs: list[dict[str, Any]], modes: list[str]) -> list[str]:
         f"{run['mode']} round {run['round']}: {run['done_final']} done"
         for run in mine
         if run["done_final"] != run["items"]
+    ]
+    odd += [
+        f"{run['mode']} round {run['round']}: table has {run['pg_rows']} "
+        "(rows, distinct ids)"
+        for run in mine
+        if run.get("pg_rows") is not None
+        and tuple(run["pg_rows"]) != (run["items"], run["items"])
     ]
     if odd:
         lines.append(f"  completions != {items} (redelivery?): " + "; ".join(odd))
@@ -902,6 +1054,8 @@ async def main() -> int:
     """Run every (round, broker, mode), print the tables, write the JSON."""
     args = parse_args()
     require_servers(args.brokers)
+    if any(MODES[mode].work.startswith("pg") for mode in args.modes):
+        require_pg()
     runs: list[dict[str, Any]] = []
     error = None
     began = time.perf_counter()
