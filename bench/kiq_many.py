@@ -1,6 +1,7 @@
 """Producer side: ``kiq_many`` vs a loop of ``await kiq`` on a Redis broker.
 
     .venv/bin/python bench/kiq_many.py [--items N] [--rounds N] [--broker stream|list]
+        [--json PATH]
 
 Only the producer runs (no worker): each round sends `--items` items to a
 fresh queue one way, then the other (order alternating), and deletes the
@@ -10,9 +11,11 @@ Needs Redis on 127.0.0.1:6379.
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 import uuid
+from pathlib import Path
 
 import redis.asyncio as redis
 from taskiq import AsyncBroker
@@ -64,6 +67,7 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--broker", choices=["stream", "list"], default="stream")
+    parser.add_argument("--json", type=Path, default=None, help="write the rates")
     args = parser.parse_args()
 
     rates: dict[str, list[float]] = {"loop": [], "many": []}
@@ -80,6 +84,9 @@ async def main() -> None:
         )
     ratio = statistics.median(rates["many"]) / statistics.median(rates["loop"])
     print(f"  kiq_many / loop: {ratio:.1f}x")
+    if args.json is not None:
+        report = {"items": args.items, "broker": args.broker, "rates": rates}
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

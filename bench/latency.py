@@ -1,7 +1,7 @@
 """Latency of a trickle: from ``kiq`` to the stored result, through a worker.
 
     .venv/bin/python bench/latency.py [--items 200] [--interval 0.05]
-        [--batch-timeout 0.2]
+        [--batch-timeout 0.2] [--receiver] [--json PATH]
 
 Starts one ``taskiq worker`` process (``-w 1``, this file's ``broker``: a Redis stream
 with results in Redis), then sends one item every `--interval` seconds, far
@@ -9,11 +9,13 @@ below ``batch_size / batch_timeout``, so every batch is flushed by its timer.
 Each item's latency is measured from just before its ``kiq`` to the moment
 its result is read back (``wait_result`` polling every 2 ms). Prints p50,
 p90, p99 and max, and the bound the design promises: ``batch_timeout`` plus
-one call plus 10 ms. Needs Redis on 127.0.0.1:6379.
+one call plus 10 ms. ``--receiver`` starts the worker with
+``--receiver batchtask:BatchReceiver``. Needs Redis on 127.0.0.1:6379.
 """
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--interval", type=float, default=0.05)
     parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT)
+    parser.add_argument("--receiver", action="store_true", help="use BatchReceiver")
+    parser.add_argument("--json", type=Path, default=None, help="write latencies")
     args = parser.parse_args()
 
     queue = f"bench-latency-{os.getpid()}"
@@ -97,7 +101,16 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "worker.log"
     with log.open("wb") as output:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "taskiq", "worker", "latency:broker", "-w", "1"],
+            [
+                sys.executable,
+                "-m",
+                "taskiq",
+                "worker",
+                "latency:broker",
+                "-w",
+                "1",
+                *(("--receiver", "batchtask:BatchReceiver") if args.receiver else ()),
+            ],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -139,6 +152,21 @@ def main() -> None:
         f"  bound batch_timeout + call + 10 ms = {bound * 1000:.0f} ms: "
         f"p99 {'within' if percentile(latencies, 0.99) <= bound else 'ABOVE'}"
     )
+    if args.json is not None:
+        report = {
+            "items": args.items,
+            "interval_s": args.interval,
+            "batch_timeout_s": args.batch_timeout,
+            "call_s": CALL_SECONDS,
+            "receiver": "batchtask" if args.receiver else "stock",
+            "bound_s": bound,
+            "p50_s": percentile(latencies, 0.5),
+            "p90_s": percentile(latencies, 0.9),
+            "p99_s": percentile(latencies, 0.99),
+            "max_s": max(latencies),
+            "latencies_s": latencies,
+        }
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

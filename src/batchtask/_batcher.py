@@ -172,13 +172,21 @@ class Batcher(Generic[V, R]):
         return entry
 
     async def result(self, entry: Entry[V, R]) -> R:
-        """Wait for the outcome of `entry`; on cancellation, withdraw it."""
+        """Wait for the outcome of `entry`; on cancellation, withdraw it.
+
+        Callers on a hot path may instead await ``entry.future`` themselves
+        and call `withdraw` when that await is cancelled.
+        """
         try:
             return await entry.future
         except asyncio.CancelledError:
-            if entry.future.cancelled():
-                self._abandon(entry)
+            self.withdraw(entry)
             raise
+
+    def withdraw(self, entry: Entry[V, R]) -> None:
+        """After the wait for `entry` was cancelled: take it out of its batch."""
+        if entry.future.cancelled():
+            self._abandon(entry)
 
     def flush(self, reason: FlushReason) -> None:
         """Call every open batch now."""

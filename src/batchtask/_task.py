@@ -268,7 +268,11 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             park = parking.get()
             if park is not None:
                 park()  # a BatchReceiver: this message needs no worker slot now
-            return await batcher.result(item)
+            try:
+                return await item.future
+            except asyncio.CancelledError:
+                batcher.withdraw(item)
+                raise
 
         signature = self.signature
 
