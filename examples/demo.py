@@ -97,6 +97,7 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "taskiq", "worker", "demo_tasks:broker"),
+            *("--receiver", "batchtask:BatchReceiver"),
             *("--app-dir", str(HERE), "--log-level", "WARNING"),
         ],
         env=env,
