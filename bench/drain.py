@@ -840,7 +840,12 @@ ACTIVITIES = [
     ("broker listen / fetch", r"\.listen \(taskiq_(redis|aio_pika|nats)/"),
     ("message parse (formatter.loads, labels)", r"\.(loads|parse_labels) \(taskiq/"),
     ("receiver: params, dependencies", r"parse_params \(|\(taskiq_dependencies/"),
-    ("batchtask (bind, validate, batch, fan-out)", r"\(batchtask/"),
+    ("BatchReceiver: a batch's results, one pipeline", r"write \(batchtask/_grouping"),
+    ("BatchReceiver: a batch's acks, one XACK", r"_xack \(batchtask/_grouping"),
+    (
+        "batchtask (bind, validate, batch, fan-out)",
+        r"\(batchtask/_(task|batcher|signature|outcomes|lifecycle)",
+    ),
     ("receiver: callback, run_task, prefetch", r"\(taskiq/(?!cli/|__main__)"),
     ("redis I/O in redis-py's helper tasks", r"\(redis/"),
     ("aio-pika / aiormq / nats I/O", r"\((aio_pika|aiormq|pamqp|nats)/"),
