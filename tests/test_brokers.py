@@ -131,7 +131,7 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
             limits = (*RECEIVER, "--receiver_arg", "max_buffered=150")
         first = start_worker(env, "--workers", "1", *limits)
     try:
-        await wait_listening(first)
+        first_log = await wait_listening(first)
         with app_env(queue, **first_settings):
             async with producer(queue) as app:
                 tasks = await kick_all(app, range(count))
@@ -193,6 +193,8 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
         f"processed {len(counts)}, duplicated {duplicated}, lost {lost}"
     )
     assert called_before_kill == [], "no batch ran before the kill"
+    if kind in REDELIVER_AFTER:  # batch_timeout 600 s > the redelivery time
+        assert "so items would run twice: app:double (batch_timeout=600)" in first_log
     assert held >= held_at_most, "items were buffered when the worker died"
     assert set(counts) <= set(range(count))
     if kind in ACKING:

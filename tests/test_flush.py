@@ -220,3 +220,40 @@ def test_closed_event_loops_and_their_brokers_are_released() -> None:
     gc.collect()
     alive = sum(ref() is not None for ref in brokers)
     assert alive <= 1, f"{alive} of 20 finished runs' brokers are still alive"
+
+
+def test_a_batch_timeout_past_the_brokers_redelivery_time_warns() -> None:
+    from nats.js.api import ConsumerConfig
+    from taskiq import InMemoryBroker
+    from taskiq_nats import PullBasedJetStreamBroker
+    from taskiq_redis import ListQueueBroker, RedisStreamBroker
+
+    from batchtask._lifecycle import redelivery_warning
+
+    timeouts = {"app:save": 10.0, "app:quick": 0.5}
+    stream = RedisStreamBroker("redis://127.0.0.1:6379", idle_timeout=5000)
+    warning = redelivery_warning(stream, timeouts)
+    assert warning is not None
+    assert "RedisStreamBroker(idle_timeout=5000)" in warning
+    assert "for 5 s" in warning
+    assert "app:save (batch_timeout=10)" in warning
+    assert "app:quick" not in warning
+    assert (
+        redelivery_warning(RedisStreamBroker("redis://127.0.0.1:6379"), timeouts)
+        is None
+    )
+
+    nats = PullBasedJetStreamBroker(
+        "nats://127.0.0.1:4222", consumer_config=ConsumerConfig(ack_wait=8)
+    )
+    nats_warning = redelivery_warning(nats, timeouts)
+    assert nats_warning is not None
+    assert "ack_wait=8" in nats_warning
+    default_nats = PullBasedJetStreamBroker("nats://127.0.0.1:4222")
+    assert redelivery_warning(default_nats, {"app:slow": 45.0}) is not None  # 30 s
+    assert redelivery_warning(default_nats, timeouts) is None
+
+    assert (
+        redelivery_warning(ListQueueBroker("redis://127.0.0.1:6379"), timeouts) is None
+    )
+    assert redelivery_warning(InMemoryBroker(), timeouts) is None

@@ -387,7 +387,7 @@ async def test_a_default_worker_with_the_receiver_fills_batches_of_500() -> None
         "batchtask:BatchReceiver",
         BATCHTASK_BROKER="stream",
         BATCHTASK_BATCH_SIZE="500",
-        BATCHTASK_BATCH_TIMEOUT="600",
+        BATCHTASK_BATCH_TIMEOUT="60",
     ) as (worker, app):
         tasks = await app.double.kiq_many(range(1000), "t")
         results = [await t.wait_result(timeout=60) for t in tasks]

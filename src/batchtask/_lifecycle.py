@@ -67,6 +67,10 @@ _watched_brokers: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, int]]" = (
     weakref.WeakKeyDictionary()
 )
 """Brokers whose worker start and stop are hooked, with each batch task's size."""
+_timeouts: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, float]]" = (
+    weakref.WeakKeyDictionary()
+)
+"""Each watched broker's batch tasks with their batch_timeout."""
 _chained_signals: set[int] = set()
 _observers: "weakref.WeakKeyDictionary[AsyncBroker, Observer]" = (
     weakref.WeakKeyDictionary()
@@ -151,8 +155,11 @@ def close_all(loop: asyncio.AbstractEventLoop) -> None:
         batcher.close()
 
 
-def watch(broker: AsyncBroker, task_name: str, batch_size: int) -> None:
+def watch(
+    broker: AsyncBroker, task_name: str, batch_size: int, batch_timeout: float
+) -> None:
     """Hook a broker's worker start and stop once, however many tasks it has."""
+    _timeouts.setdefault(broker, {})[task_name] = batch_timeout
     sizes = _watched_brokers.get(broker)
     if sizes is not None:
         sizes[task_name] = batch_size
@@ -177,6 +184,7 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
             if buffered is None
             else receiver_cap_warning(sizes, buffered),
             prefetch_warning(broker, sizes),
+            redelivery_warning(broker, _timeouts.get(broker, {})),
         ):
             if warning:
                 logger.warning(warning)
@@ -245,6 +253,51 @@ def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
         f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
         f"qos={largest}) or more (or lower batch_size)."
     )
+
+
+NATS_DEFAULT_ACK_WAIT = 30.0
+"""Seconds: a NATS JetStream consumer's ``ack_wait`` when none is configured."""
+
+
+def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str | None:
+    """Say which tasks buffer items longer than the broker waits for an ack.
+
+    A Redis stream (``idle_timeout``) or a NATS JetStream consumer
+    (``ack_wait``) hands a message that stays unacknowledged that long to
+    another consumer; a buffered item stays unacknowledged for up to
+    ``batch_timeout`` plus its call, so it would run twice.
+    """
+    window = _redelivery_window(broker)
+    if window is None:
+        return None
+    seconds, setting = window
+    late = {name: t for name, t in timeouts.items() if t >= seconds}
+    if not late:
+        return None
+    tasks = ", ".join(
+        f"{name} (batch_timeout={t:g})" for name, t in sorted(late.items())
+    )
+    return (
+        f"batchtask: {setting} redelivers a message left unacknowledged for "
+        f"{seconds:g} s, but these tasks may buffer an item that long before its "
+        f"call even starts, so items would run twice: {tasks}. Fix: raise it well "
+        f"above batch_timeout plus the longest call (or lower batch_timeout)."
+    )
+
+
+def _redelivery_window(broker: AsyncBroker) -> tuple[float, str] | None:
+    """(seconds, setting name) after which the broker redelivers, if known."""
+    kinds = {cls.__name__ for cls in type(broker).__mro__}
+    if "RedisStreamBroker" in kinds:
+        idle = getattr(broker, "idle_timeout", None)
+        if isinstance(idle, (int, float)) and not isinstance(idle, bool):
+            return idle / 1000, f"RedisStreamBroker(idle_timeout={idle:g})"
+    if kinds & {"PullBasedJetStreamBroker", "PushBasedJetStreamBroker"}:
+        config = getattr(broker, "consumer_config", None)
+        ack_wait = getattr(config, "ack_wait", None) or NATS_DEFAULT_ACK_WAIT
+        if isinstance(ack_wait, (int, float)):
+            return float(ack_wait), f"the NATS consumer's ack_wait={ack_wait:g}"
+    return None
 
 
 def _capped(sizes: dict[str, int], limit: int) -> tuple[str, int] | None:
