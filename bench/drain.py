@@ -341,26 +341,19 @@ def build_app(kind: str, queue: str, mode_name: str) -> tuple[AsyncBroker, Any]:
     rows = Rows(table_name(queue))
     if mode.work.startswith("pg"):
         broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, rows.start)
-    if mode.batched and mode.work == "pg":
+    if mode.batched and mode.work.startswith("pg"):
+        # One COPY ("pg") or one executemany INSERT ("pg_many") per batch.
+        write = rows.copy if mode.work == "pg" else rows.insert_many
+        name = "b:pg" if mode.work == "pg" else "b:pm"
 
         @batch_task(
-            broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="b:pg"
+            broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name=name
         )
-        async def copy_batch(items: list[int]) -> None:
-            await rows.copy(items)
+        async def write_batch(items: list[int]) -> None:
+            await write(items)
             done.add(len(items))
 
-        task = copy_batch
-    elif mode.batched and mode.work == "pg_many":
-
-        @batch_task(
-            broker, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="b:pm"
-        )
-        async def insert_batch(items: list[int]) -> None:
-            await rows.insert_many(items)
-            done.add(len(items))
-
-        task = insert_batch
+        task = write_batch
     elif mode.work == "pg":
 
         @broker.task(task_name="p:pg")

@@ -18,6 +18,7 @@ from taskiq.exceptions import SendTaskError
 
 from batchtask import BatchArgumentError, BatchCallError, ItemValidationError
 from tests.workers import (
+    RECEIVER,
     app_env,
     kill,
     new_queue,
@@ -42,7 +43,6 @@ ACKING = {"stream", "rabbitmq", "nats"}
 # the connection drops). Longer than any batch here is buffered while its
 # worker lives, so a healthy worker never sees its own messages redelivered.
 REDELIVER_AFTER = {"stream": "5", "nats": "10"}
-RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 
 
 async def kick_all(

@@ -27,6 +27,7 @@ from batchtask._grouping import (
 from batchtask._lifecycle import buffered_items, receiver_cap_warning
 from tests.conftest import require_server, within
 from tests.workers import (
+    RECEIVER,
     REDIS_URL,
     new_queue,
     recorded_calls,
@@ -383,8 +384,7 @@ async def test_a_default_worker_with_the_receiver_fills_batches_of_500() -> None
     queue = new_queue()
     async with serving(
         queue,
-        "--receiver",
-        "batchtask:BatchReceiver",
+        *RECEIVER,
         BATCHTASK_BROKER="stream",
         BATCHTASK_BATCH_SIZE="500",
         BATCHTASK_BATCH_TIMEOUT="60",
@@ -408,8 +408,7 @@ async def test_a_worker_warns_when_max_buffered_is_below_a_batch_size() -> None:
     queue = new_queue()
     async with serving(
         queue,
-        "--receiver",
-        "batchtask:BatchReceiver",
+        *RECEIVER,
         "--receiver_arg",
         "max_buffered=200",
         BATCHTASK_BROKER="stream",
@@ -431,8 +430,7 @@ async def test_a_bad_receiver_arg_stops_the_worker_with_the_reason() -> None:
             env,
             "--workers",
             "1",
-            "--receiver",
-            "batchtask:BatchReceiver",
+            *RECEIVER,
             "--receiver_arg",
             "max_buffered=lots",
         )
@@ -445,3 +443,4 @@ async def test_a_bad_receiver_arg_stops_the_worker_with_the_reason() -> None:
         await within(until(refused, 60, "the worker to log the reason"), 90)
     finally:
         kill(worker)
+

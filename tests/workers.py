@@ -28,6 +28,8 @@ from tests.conftest import require_server
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379"
 APP = "tests.worker_app.app"
+RECEIVER = ("--receiver", "batchtask:BatchReceiver")
+"""Worker flags that start the worker with batchtask's receiver."""
 
 SERVERS = {
     "list": [("Redis", 6379)],

@@ -2,7 +2,8 @@
 
 One `Batcher` serves one batch task on one event loop. `submit` puts an item
 in the open batch of its group key and returns an `Entry` whose future the
-batch run resolves; `result` awaits it.
+batch run resolves; its caller awaits that future and, if the wait is
+cancelled, calls `withdraw`.
 
 Invariants:
 
@@ -171,20 +172,8 @@ class Batcher(Generic[V, R]):
             self._flush(batch, FlushReason.SIZE)
         return entry
 
-    async def result(self, entry: Entry[V, R]) -> R:
-        """Wait for the outcome of `entry`; on cancellation, withdraw it.
-
-        Callers on a hot path may instead await ``entry.future`` themselves
-        and call `withdraw` when that await is cancelled.
-        """
-        try:
-            return await entry.future
-        except asyncio.CancelledError:
-            self.withdraw(entry)
-            raise
-
     def withdraw(self, entry: Entry[V, R]) -> None:
-        """After the wait for `entry` was cancelled: take it out of its batch."""
+        """After a wait on ``entry.future`` was cancelled: take it out of its batch."""
         if entry.future.cancelled():
             self._abandon(entry)
 

@@ -30,6 +30,7 @@ from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
 from taskiq.cli.worker.args import WorkerArgs
 
 from batchtask._batcher import Batcher, Eagerness, FlushReason, Observer, RunBatch
+from batchtask._config import BatchConfig
 
 logger = logging.getLogger("batchtask")
 
@@ -63,14 +64,10 @@ class _LoopBatchers:
 _loops: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatchers]" = (
     weakref.WeakKeyDictionary()
 )
-_watched_brokers: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, int]]" = (
+_watched_brokers: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, BatchConfig]]" = (
     weakref.WeakKeyDictionary()
 )
-"""Brokers whose worker start and stop are hooked, with each batch task's size."""
-_timeouts: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, float]]" = (
-    weakref.WeakKeyDictionary()
-)
-"""Each watched broker's batch tasks with their batch_timeout."""
+"""Brokers whose worker start and stop are hooked, with each batch task's settings."""
 _chained_signals: set[int] = set()
 _observers: "weakref.WeakKeyDictionary[AsyncBroker, Observer]" = (
     weakref.WeakKeyDictionary()
@@ -155,16 +152,13 @@ def close_all(loop: asyncio.AbstractEventLoop) -> None:
         batcher.close()
 
 
-def watch(
-    broker: AsyncBroker, task_name: str, batch_size: int, batch_timeout: float
-) -> None:
+def watch(broker: AsyncBroker, task_name: str, config: BatchConfig) -> None:
     """Hook a broker's worker start and stop once, however many tasks it has."""
-    _timeouts.setdefault(broker, {})[task_name] = batch_timeout
-    sizes = _watched_brokers.get(broker)
-    if sizes is not None:
-        sizes[task_name] = batch_size
+    tasks = _watched_brokers.get(broker)
+    if tasks is not None:
+        tasks[task_name] = config
         return
-    _watched_brokers[broker] = {task_name: batch_size}
+    _watched_brokers[broker] = {task_name: config}
     broker.add_event_handler(TaskiqEvents.WORKER_STARTUP, _make_startup(broker))
     broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _make_shutdown(broker))
 
@@ -177,14 +171,16 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
             batcher.open()
         if not broker.is_worker_process:
             return
-        sizes = _watched_brokers.get(broker, {})
+        tasks = _watched_brokers.get(broker, {})
+        sizes = {name: config.batch_size for name, config in tasks.items()}
+        timeouts = {name: config.batch_timeout for name, config in tasks.items()}
         buffered = _receiver_limits.get(broker)
         for warning in (
             capped_batch_warning(sizes, sys.argv)
             if buffered is None
             else receiver_cap_warning(sizes, buffered),
             prefetch_warning(broker, sizes),
-            redelivery_warning(broker, _timeouts.get(broker, {})),
+            redelivery_warning(broker, timeouts),
         ):
             if warning:
                 logger.warning(warning)

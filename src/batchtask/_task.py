@@ -143,9 +143,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 self.signature, task_name=self.task_name
             )
         self.labels: dict[str, Any] = registered.labels
-        _lifecycle.watch(
-            broker, self.task_name, config.batch_size, config.batch_timeout
-        )
+        _lifecycle.watch(broker, self.task_name, config)
         _keep_inmemory_results(broker)
         functools.update_wrapper(self, func)
 
