@@ -444,3 +444,17 @@ async def test_a_bad_receiver_arg_stops_the_worker_with_the_reason() -> None:
     finally:
         kill(worker)
 
+
+def test_the_start_up_warning_knows_what_the_receiver_lifts() -> None:
+    """max_buffered=0 lifts nothing: the stock --max-async-tasks warning applies."""
+    from taskiq import InMemoryBroker
+
+    from batchtask import _lifecycle
+
+    broker = InMemoryBroker()
+    BatchReceiver(broker, max_async_tasks=100, max_buffered=300)
+    assert _lifecycle._receiver_limits.get(broker) == 300  # pyright: ignore[reportPrivateUsage]
+    BatchReceiver(broker, max_async_tasks=100, max_buffered=0)
+    assert broker not in _lifecycle._receiver_limits  # pyright: ignore[reportPrivateUsage]
+    BatchReceiver(broker, max_async_tasks=0)
+    assert _lifecycle._receiver_limits.get(broker) == 0  # pyright: ignore[reportPrivateUsage]

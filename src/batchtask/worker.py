@@ -83,10 +83,12 @@ class BatchReceiver(Receiver):
                 "BatchReceiver cannot lift the batch-size cap",
                 ", ".join(_HOOKS),
             )
-        _lifecycle.receiver_started(
-            broker,
-            self.max_buffered if self._can_park and self.sem is not None else None,
-        )
+        limit: int | None = None  # the stock cap stays: its warning applies
+        if self.sem is None:
+            limit = 0  # the worker has no task limit at all
+        elif self._can_park and self.max_buffered:
+            limit = self.max_buffered
+        _lifecycle.receiver_started(broker, limit)
 
     @property
     def parked(self) -> int:
