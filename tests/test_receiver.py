@@ -124,11 +124,10 @@ async def test_batches_fill_past_max_async_tasks_and_writes_are_grouped(
     assert plain_result.return_value == 42
     assert await pending_acks(stream) == 0, "every message acked"
     assert stream.broker.result_backend is stream.backend, "restored after listen"
-    assert grouped.group is not None
-    result_rounds = grouped.group.rounds
+    result_rounds = grouped.round_trips
     acks = receiver._acks  # pyright: ignore[reportPrivateUsage]
     assert acks is not None
-    ack_rounds = acks.group.rounds
+    ack_rounds = acks.round_trips
     print(f"grouped: 1001 results in {result_rounds} writes, {ack_rounds} XACKs")
     # Four batches and one plain task: about one round trip each, not 1001.
     assert result_rounds <= 10
@@ -167,14 +166,14 @@ async def test_max_buffered_bounds_the_items_a_worker_holds(stream: Stream) -> N
 
     await within(until(holds_200, 30, "200 items buffered"), 60)
     await asyncio.sleep(0.5)  # anything past the bound would arrive now
-    held, parked = buffered_items(stream.broker), receiver.parked
+    held, slot_free = buffered_items(stream.broker), receiver.buffered
     finish.set()
     await asyncio.sleep(0.1)
     await flush_all(stream.broker)
     await within(listener, 60)
 
-    print(f"max_buffered=150, --max-async-tasks 50: held {held}, parked {parked}")
-    assert (held, parked) == (200, 150), "150 without a slot + 50 holding one"
+    print(f"max_buffered=150, --max-async-tasks 50: held {held}, {slot_free} slot-free")
+    assert (held, slot_free) == (200, 150), "150 without a slot + 50 holding one"
     assert [len(call) for call in stream.calls] == [200]
 
 

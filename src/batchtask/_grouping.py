@@ -25,11 +25,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from taskiq import AsyncBroker, AsyncResultBackend, TaskiqResult
+from taskiq.acks import AckController
 
 T = TypeVar("T")
 
 Send = Callable[[list[T]], Awaitable[Sequence[BaseException | None]]]
 """Sends requests at once; returns each one's error, or None."""
+
+RawAck = Callable[[], Awaitable[None] | None]
+"""A broker's ack of one message, as an ``AckableMessage`` carries it."""
 
 
 class Coalescer(Generic[T]):
@@ -96,9 +100,28 @@ class GroupedResultBackend(AsyncResultBackend[Any]):
         """Wrap `inner`, grouping its writes where it is known how."""
         self.inner = inner
         self.group: Coalescer[tuple[str, TaskiqResult[Any]]] | None = None
-        write = _redis_result_writer(inner)
-        if write is not None:
-            self.group = Coalescer(write)
+        self.round_trips = 0
+        """Grouped writes sent so far (for tests and benchmarks)."""
+        self._write = _redis_result_writer(inner)
+        if self._write is not None:
+            self.group = Coalescer(self.write)
+
+    @property
+    def groups_writes(self) -> bool:
+        """Whether `write` stores many results in one round trip."""
+        return self._write is not None
+
+    async def write(
+        self, requests: list[tuple[str, TaskiqResult[Any]]]
+    ) -> Sequence[BaseException | None]:
+        """Store many results in one round trip; return each one's error.
+
+        :raises RuntimeError: if the wrapped backend is not one it groups.
+        """
+        if self._write is None:
+            raise RuntimeError("this result backend's writes are not grouped")
+        self.round_trips += 1
+        return await self._write(requests)
 
     def __getattr__(self, name: str) -> Any:
         """Read what this wrapper does not define from the wrapped backend."""
@@ -138,6 +161,34 @@ class GroupedResultBackend(AsyncResultBackend[Any]):
     async def get_progress(self, task_id: str) -> Any:
         """Read progress from the wrapped backend."""
         return await self.inner.get_progress(task_id)
+
+
+async def store_many(
+    backend: AsyncResultBackend[Any],
+    requests: Sequence[tuple[str, TaskiqResult[Any]]],
+) -> list[BaseException | None]:
+    """Store each (task id, result); return each one's error, or None.
+
+    One round trip where `backend` is a `GroupedResultBackend` that knows how,
+    else one ``set_result`` per request, concurrently.
+    """
+    if isinstance(backend, GroupedResultBackend) and backend.groups_writes:
+        try:
+            return list(await backend.write(list(requests)))
+        except Exception as exc:
+            return [copy.copy(exc) for _ in requests]
+    if len(requests) == 1:
+        task_id, result = requests[0]
+        try:
+            await backend.set_result(task_id, result)
+        except Exception as exc:
+            return [exc]
+        return [None]
+    replies = await asyncio.gather(
+        *(backend.set_result(task_id, result) for task_id, result in requests),
+        return_exceptions=True,
+    )
+    return [reply if isinstance(reply, BaseException) else None for reply in replies]
 
 
 def _redis_result_writer(
@@ -193,6 +244,8 @@ class GroupedAcks:
         """Group the acks of `broker`'s messages (see `for_broker`)."""
         self.broker: Any = broker
         self.group: Coalescer[tuple[str | bytes, Any]] = Coalescer(self._xack)
+        self.round_trips = 0
+        """``XACK`` round trips sent so far (for tests and benchmarks)."""
 
     @classmethod
     def for_broker(cls, broker: AsyncBroker) -> "GroupedAcks | None":
@@ -224,6 +277,42 @@ class GroupedAcks:
 
         return grouped_ack
 
+    async def ack_many(
+        self, acks: Sequence[tuple[AckController, RawAck | None]]
+    ) -> list[BaseException | None]:
+        """Ack messages not acked yet: one ``XACK`` per stream for this broker's.
+
+        Each pair is a message's controller and the broker's own ack it wraps;
+        a message acked here is marked acked on its controller.
+        """
+        errors: list[BaseException | None] = [None] * len(acks)
+        streamed: list[int] = []
+        targets: list[tuple[str | bytes, Any]] = []
+        others: list[int] = []
+        for index, (controller, raw) in enumerate(acks):
+            if controller.is_acked:
+                continue
+            target = None if raw is None else _stream_ack_target(raw, self.broker)
+            if target is None:
+                others.append(index)
+            else:
+                streamed.append(index)
+                targets.append(target)
+        if targets:
+            try:
+                replies = await self._xack(targets)
+            except Exception as exc:
+                replies = [copy.copy(exc) for _ in targets]
+            for index, reply in zip(streamed, replies, strict=True):
+                errors[index] = reply
+                if reply is None:
+                    acks[index][0].is_acked = True
+        for index, error in zip(
+            others, await ack_each([acks[i][0] for i in others]), strict=True
+        ):
+            errors[index] = error
+        return errors
+
     async def _xack(
         self, requests: list[tuple[str | bytes, Any]]
     ) -> list[BaseException | None]:
@@ -234,6 +323,7 @@ class GroupedAcks:
             streams.setdefault(stream, []).append(index)
         errors: list[BaseException | None] = [None] * len(requests)
         broker = self.broker
+        self.round_trips += 1
         async with Redis(connection_pool=broker.connection_pool) as connection:
             pipeline = connection.pipeline(transaction=False)
             for stream, indexes in streams.items():
@@ -271,3 +361,23 @@ def _stream_ack_target(
     if not isinstance(message_id, (str, bytes)):
         return None
     return stream, message_id
+
+
+async def ack_each(controllers: Sequence[AckController]) -> list[BaseException | None]:
+    """Ack each message not acked yet, concurrently; return each one's error."""
+    due = [(i, c) for i, c in enumerate(controllers) if not c.is_acked]
+    errors: list[BaseException | None] = [None] * len(controllers)
+    if len(due) == 1:
+        index, controller = due[0]
+        try:
+            await controller.ack()
+        except Exception as exc:
+            errors[index] = exc
+    elif due:
+        replies = await asyncio.gather(
+            *(controller.ack() for _, controller in due), return_exceptions=True
+        )
+        for (index, _), reply in zip(due, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors[index] = reply
+    return errors

@@ -15,7 +15,6 @@ message and listed here under that loop with the task's broker, so that:
 """
 
 import asyncio
-import contextvars
 import logging
 import signal
 import sys
@@ -77,12 +76,6 @@ _receiver_limits: "weakref.WeakKeyDictionary[AsyncBroker, int]" = (
     weakref.WeakKeyDictionary()
 )
 """Brokers served by a `BatchReceiver`: items it buffers without a slot (0: no cap)."""
-
-parking: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
-    "batchtask_parking", default=None
-)
-"""Set by `BatchReceiver` in its callbacks: an entry point calls it once its
-item is buffered, to give the message's worker slot back."""
 
 
 def receiver_started(broker: AsyncBroker, max_buffered: int | None) -> None:

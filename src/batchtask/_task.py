@@ -47,7 +47,8 @@ from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher
 from batchtask._bulk import kick_many
 from batchtask._config import BatchConfig, ResultsMode
-from batchtask._outcomes import settle
+from batchtask._context import BatchContext, merged_injections
+from batchtask._outcomes import Outcome, settle
 from batchtask._signature import BatchSignature, BoundItem
 
 if TYPE_CHECKING:
@@ -257,7 +258,6 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         """The per-message function taskiq registers and its receiver calls."""
         bind = self.signature.bind
         batcher_here = self._batcher
-        parking = _lifecycle.parking
 
         async def entry(*args: Any, **kwargs: Any) -> Any:
             # One message in, that item's outcome out (kept to one coroutine:
@@ -265,9 +265,6 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             bound = bind(args, kwargs)
             batcher, in_place = batcher_here()
             item = batcher.submit(bound.key, bound, flush_now=in_place)
-            park = parking.get()
-            if park is not None:
-                park()  # a BatchReceiver: this message needs no worker slot now
             try:
                 return await item.future
             except asyncio.CancelledError:
@@ -279,6 +276,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         # What inspect.signature and taskiq's dependency graph read; functions
         # keep such attributes in their __dict__.
         entry.__dict__["__signature__"] = signature.entry_signature
+        entry.__dict__[_OWNER] = self
         entry.__annotations__ = dict(signature.entry_annotations)
         entry.__module__ = func.__module__
         entry.__name__ = getattr(func, "__name__", "batch_task")
@@ -307,22 +305,42 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         broker = self.broker
         return isinstance(broker, InMemoryBroker) and broker.await_inplace
 
-    async def _run_batch(self, batch: Batch[BoundItem, Any]) -> None:
-        live = [entry for entry in batch.entries if not entry.future.done()]
-        if not live:
-            return
-        leader = live[0].value
+    async def outcomes(self, items: list[Any], leader: BoundItem) -> list[Outcome]:
+        """Call the function for `items` (bisecting if set): one outcome each.
 
-        async def call(items: list[Any]) -> Any:
-            return await self._call(items, leader)
+        The call's extra and injected arguments are `leader`'s.
+        """
 
-        outcomes = await settle(
-            [entry.value.item for entry in live],
+        async def call(chunk: list[Any]) -> Any:
+            return await self._call(chunk, leader)
+
+        return await settle(
+            items,
             call,
             task_name=self.task_name,
             results=self.config.results,
             bisect=self.config.bisect_on_error,
         )
+
+    async def _run_batch(self, batch: Batch[BoundItem, Any]) -> None:
+        live = [entry for entry in batch.entries if not entry.future.done()]
+        if not live:
+            return
+        leader = live[0].value
+        if leader.injected:
+            # A Context or BatchContext stands for the whole call.
+            leader = leader._replace(
+                injected=merged_injections([entry.value.injected for entry in live])
+            )
+        outcomes = await self.outcomes([entry.value.item for entry in live], leader)
+        context = next(
+            (v for v in leader.injected.values() if isinstance(v, BatchContext)), None
+        )
+        if context is not None:
+            outcomes = [
+                Outcome(override) if (override := context.override(i)) else outcome
+                for i, outcome in enumerate(outcomes)
+            ]
         observer = _lifecycle.observer_of(self.broker)
         if observer is not None:
             failed = sum(outcome.error is not None for outcome in outcomes)
@@ -479,6 +497,20 @@ def batch_task(
     if config.results == "per_item":
         return _PerItemDecorator(broker, config, task_name, labels)
     return _SharedDecorator(broker, config, task_name, labels)
+
+
+_OWNER = "batchtask_task"
+"""The entry point's attribute that names its `BatchTask`."""
+
+
+def batch_task_of(
+    func: Callable[..., Any],
+) -> "BatchTask[Any, ..., ..., Any, Any] | None":
+    """The batch task whose entry point `func` is, or None."""
+    owner = getattr(func, _OWNER, None)
+    if isinstance(owner, BatchTask):
+        return typing.cast("BatchTask[Any, ..., ..., Any, Any]", owner)
+    return None
 
 
 def _default_task_name(func: Callable[..., Any]) -> str:

@@ -1,0 +1,604 @@
+"""The batch-native path: a batch task's messages buffered and finished per batch.
+
+`BatchReceiver` hands each delivery of a batch task here instead of starting
+a task for it. What taskiq's receiver does for one message happens here for
+each message too, in the same order, but without a task, a coroutine or a
+future of its own while the item waits:
+
+- on arrival (`NativePath.take`, synchronous): parse, ``pre_execute``
+  middlewares (an async one gets a short-lived task for its message), the ack
+  type, ``when_received`` acks (one round trip for the arrivals of a loop
+  turn), argument parsing, binding and item validation; then the item joins
+  its batch. A message that fails here ends alone, as on taskiq's path;
+- per call (`NativePath.run`): dependencies resolved once, with a taskiq
+  ``Context`` and a `BatchContext` for the whole call; the function called
+  once (`batchtask._outcomes.settle`: shared, per-item, partial, bisect);
+- per batch (`NativePath.finish`): each message's ``on_error``,
+  ``when_executed`` ack, ``post_execute``, result write, ``post_save`` and
+  ``when_saved`` ack, in taskiq's order for every message, each step sent for
+  the whole batch at once (one pipeline of results, one ``XACK`` on a Redis
+  stream).
+
+A middleware hook that raises for one message ends that message there (no
+result, no ack: it is redelivered), as the raising callback task does on
+taskiq's path; the batch's other messages go on. The ``timeout`` label bounds
+an item's wait plus its call, as on taskiq's path: an item whose time runs out
+ends with ``TimeoutError`` at once; a call whose items all ran out is
+cancelled.
+"""
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from taskiq import (
+    AckableMessage,
+    AsyncBroker,
+    Context,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+    TaskiqState,
+)
+from taskiq.acks import AckController, AcknowledgeType, parse_acknowledge_type
+from taskiq.exceptions import NoResultError
+from taskiq.formatters.json_formatter import JSONFormatter
+from taskiq.receiver.params_parser import parse_params
+
+from batchtask import _lifecycle
+from batchtask._batcher import Batch, Batcher, Entry
+from batchtask._context import BatchContext
+from batchtask._grouping import GroupedAcks, RawAck, ack_each, store_many
+from batchtask._outcomes import Outcome
+from batchtask._task import BatchTask, batch_task_of
+
+if TYPE_CHECKING:
+    from taskiq.receiver import Receiver
+
+logger = logging.getLogger("batchtask")
+
+Finished = list[tuple["NativeItem", TaskiqResult[Any]]]
+
+
+@dataclass(eq=False, slots=True)
+class NativeItem:
+    """One message of a batch task on the native path."""
+
+    message: TaskiqMessage
+    ack: RawAck | None
+    """The broker's own ack of this message."""
+    acks: AckController
+    ack_time: AcknowledgeType
+    started: float
+    """``time.time()`` on arrival: a result's ``execution_time`` counts from it."""
+    holds_slot: bool
+    """Whether it keeps its delivery slot until it ends (see `NativePath.take`)."""
+    bound: Any = None
+    received: "asyncio.Future[None] | None" = None
+    """The ``when_received`` ack round trip this message waits for."""
+    ack_error: BaseException | None = None
+    expiry: asyncio.TimerHandle | None = None
+    done: bool = field(default=False)
+
+
+class NativePath:
+    """Batch tasks' messages of one `BatchReceiver`, handled as batches."""
+
+    def __init__(
+        self, receiver: "Receiver", *, max_buffered: int, acks: GroupedAcks | None
+    ) -> None:
+        """Serve `receiver`'s broker; up to `max_buffered` items wait slot-free.
+
+        A batch's acks go through `acks` where given (one ``XACK`` on a Redis
+        stream); its results go together wherever the broker's result backend
+        is a `GroupedResultBackend`.
+        """
+        self.receiver = receiver
+        self.broker: AsyncBroker = receiver.broker
+        self.max_buffered = max_buffered
+        self.unslotted = 0
+        """Items waiting now whose delivery slot went back at once."""
+        self._batchers: dict[str, Batcher[NativeItem, Any]] = {}
+        self._received: list[NativeItem] = []
+        self._intakes: set[asyncio.Task[None]] = set()
+        self._grouped_acks = acks
+        self._names: tuple[bytes, ...] | None = None
+        self._pre_execute: list[TaskiqMiddleware] = []
+        self._on_error: list[TaskiqMiddleware] = []
+        self._post_execute: list[TaskiqMiddleware] = []
+        self._post_save: list[TaskiqMiddleware] = []
+
+    def start(self) -> None:
+        """Read the broker's tasks and middlewares as they are when listening starts."""
+        self._names = _name_filter(self.broker)
+        middlewares = self.broker.middlewares
+        self._pre_execute = _overriding(middlewares, "pre_execute")
+        self._on_error = _overriding(reversed(middlewares), "on_error")
+        self._post_execute = _overriding(reversed(middlewares), "post_execute")
+        self._post_save = _overriding(reversed(middlewares), "post_save")
+
+    # -- arrival ---------------------------------------------------------
+
+    def take(self, data: bytes | AckableMessage, owns_delivery_slot: bool) -> bool:
+        """Take one delivery if it is a batch task's; False leaves it to taskiq.
+
+        A taken message gives its delivery slot back at once while fewer than
+        `max_buffered` items wait that way; beyond that it keeps the slot
+        until it ends, so the broker stops delivering (memory stays bounded).
+        """
+        raw = data.data if isinstance(data, AckableMessage) else data
+        if self._names is not None and not any(name in raw for name in self._names):
+            return False  # not a batch task's message: taskiq parses it
+        try:
+            message = self.broker.formatter.loads(message=raw)
+            message.parse_labels()
+        except Exception:
+            return False  # taskiq's path reports and acks it
+        found = self.broker.find_task(message.task_name)
+        task = None if found is None else batch_task_of(found.original_func)
+        if task is None:
+            return False
+        holds_slot = owns_delivery_slot
+        if self.unslotted < self.max_buffered:
+            if owns_delivery_slot:
+                self.receiver.sem_prefetch.release()
+            holds_slot = False
+            self.unslotted += 1
+        ack = data.ack if isinstance(data, AckableMessage) else None
+        item = NativeItem(
+            message,
+            ack,
+            AckController(ack),
+            AcknowledgeType.WHEN_SAVED,
+            time.time(),
+            holds_slot,
+        )
+        for index, middleware in enumerate(self._pre_execute):
+            returned = middleware.pre_execute(item.message)
+            if inspect.isawaitable(returned):
+                intake = asyncio.ensure_future(
+                    self._take_later(task, item, returned, index + 1)
+                )
+                self._intakes.add(intake)
+                intake.add_done_callback(self._intakes.discard)
+                return True
+            item.message = returned
+        self._enter(task, item)
+        return True
+
+    async def _take_later(
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        item: NativeItem,
+        pending: Awaitable[TaskiqMessage],
+        index: int,
+    ) -> None:
+        """Finish `take` for a message whose ``pre_execute`` is async."""
+        try:
+            item.message = await pending
+            for middleware in self._pre_execute[index:]:
+                returned = middleware.pre_execute(item.message)
+                if inspect.isawaitable(returned):
+                    returned = await returned
+                item.message = returned
+        except Exception:
+            logger.exception("batchtask: a pre_execute middleware raised")
+            self._release(item)
+            return
+        self._enter(task, item)
+
+    def _enter(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+    ) -> None:
+        """Ack type, ``when_received`` ack, arguments; then into the batch."""
+        receiver = self.receiver
+        message = item.message
+        label = message.labels.get("ack_type")
+        try:
+            if label is not None:
+                item.ack_time = parse_acknowledge_type(label)
+            else:
+                item.ack_time = receiver.ack_time
+        except ValueError:
+            logger.exception(
+                "batchtask: invalid ack_type label %r for task %s",
+                label,
+                message.task_name,
+            )
+            self._release(item)
+            return
+        if item.ack_time is AcknowledgeType.WHEN_RECEIVED and item.acks.is_ackable:
+            self._ack_received(item)
+        name = message.task_name
+        if receiver.validate_params:
+            parse_params(
+                receiver.task_signatures.get(name),
+                receiver.task_hints.get(name) or {},
+                message,
+            )
+        try:
+            item.bound = task.signature.bind(tuple(message.args), message.kwargs)
+        except Exception as exc:
+            self._spawn(self._end_alone(item, exc))
+            return
+        batcher = self._batcher_of(task)
+        entry = batcher.submit(item.bound.key, item)
+        timeout = message.labels.get("timeout")
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            item.expiry = loop.call_later(float(timeout), self._expire, batcher, entry)
+
+    def _ack_received(self, item: NativeItem) -> None:
+        """Ack on arrival, with the arrivals of this loop turn in one round trip."""
+        if not self._received:
+            asyncio.get_running_loop().call_soon(self._send_received)
+        self._received.append(item)
+        item.received = asyncio.get_running_loop().create_future()
+
+    def _send_received(self) -> None:
+        items, self._received = self._received, []
+        self._spawn(self._ack_now(items))
+
+    async def _ack_now(self, items: list[NativeItem]) -> None:
+        errors = await self.ack_many(items)
+        for item, error in zip(items, errors, strict=True):
+            item.ack_error = error
+            if item.received is not None and not item.received.done():
+                item.received.set_result(None)
+
+    def _batcher_of(
+        self, task: BatchTask[Any, ..., ..., Any, Any]
+    ) -> Batcher[NativeItem, Any]:
+        batcher = self._batchers.get(task.task_name)
+        if batcher is None:
+            config = task.config
+
+            async def run(batch: Batch[NativeItem, Any]) -> None:
+                await self.run(task, batch)
+
+            batcher = self._batchers[task.task_name] = _lifecycle.new_batcher(
+                self.broker,
+                run,
+                name=task.task_name,
+                batch_size=config.batch_size,
+                batch_timeout=config.batch_timeout,
+            )
+        return batcher
+
+    def _expire(
+        self, batcher: Batcher[NativeItem, Any], entry: Entry[NativeItem, Any]
+    ) -> None:
+        """The ``timeout`` label ran out: the item ends with ``TimeoutError``."""
+        item = entry.value
+        item.expiry = None
+        if entry.future.done() or item.done:
+            return
+        entry.future.cancel()
+        batcher.withdraw(entry)
+        self._spawn(self._end_alone(item, TimeoutError()))
+
+    # -- the call --------------------------------------------------------
+
+    async def run(
+        self, task: BatchTask[Any, ..., ..., Any, Any], batch: Batch[NativeItem, Any]
+    ) -> None:
+        """Call the function once for `batch`, then finish every message."""
+        live = [entry for entry in batch.entries if not entry.future.done()]
+        received = {e.value.received for e in live if e.value.received is not None}
+        if received:
+            await asyncio.wait(received)
+        for entry in live:
+            if entry.value.ack_error is not None:  # as taskiq: not run, not stored
+                logger.error(
+                    "batchtask: acknowledging message %s failed",
+                    entry.value.message.task_id,
+                    exc_info=entry.value.ack_error,
+                )
+                self._release(entry.value)
+        live = [entry for entry in live if not entry.value.done]
+        if not live:
+            return
+        items = [entry.value for entry in live]
+        broker = self.broker
+
+        async def ack_indexes(
+            indexes: Sequence[int],
+        ) -> Sequence[BaseException | None]:
+            return await self.ack_many([items[index] for index in indexes])
+
+        context = BatchContext.of(
+            [item.message for item in items],
+            [item.acks.ack if item.acks.is_ackable else None for item in items],
+            broker,
+            ack_indexes,
+        )
+        outcomes: list[Outcome]
+        resolver = None
+        error: BaseException | None = None
+        try:
+            injected: dict[str, Any] = {}
+            if task.signature.injected:
+                graph = self.receiver.dependency_graphs[task.task_name]
+                resolver = graph.async_ctx(
+                    {
+                        **broker.custom_dependency_context,
+                        Context: context.call_context(items[0].message),
+                        BatchContext: context,
+                        TaskiqState: broker.state,
+                    },
+                    broker.dependency_overrides or None,
+                )
+                injected = await resolver.resolve_kwargs()
+            leader = items[0].bound._replace(injected=injected)
+            outcomes = await task.outcomes([item.bound.item for item in items], leader)
+        except Exception as exc:  # resolving a dependency failed: every item fails
+            outcomes = [Outcome(exc)] * len(items)
+        outcomes = [
+            Outcome(override) if (override := context.override(index)) else outcome
+            for index, outcome in enumerate(outcomes)
+        ]
+        failed = [outcome.error for outcome in outcomes if outcome.error is not None]
+        if failed:
+            error = failed[0]
+            if not isinstance(error, NoResultError):
+                logger.error(
+                    "batch task %s: %d of %d item(s) failed",
+                    task.task_name,
+                    len(failed),
+                    len(items),
+                    exc_info=error,
+                )
+        if resolver is not None:
+            propagate = error is not None and self.receiver.propagate_exceptions
+            if propagate and error is not None:
+                await resolver.close(type(error), error, error.__traceback__)
+            else:
+                await resolver.close(None, None, None)
+        pairs = [
+            (entry.value, outcome)
+            for entry, outcome in zip(live, outcomes, strict=True)
+            if not entry.future.done()  # else its time ran out meanwhile
+        ]
+        observer = _lifecycle.observer_of(broker)
+        if observer is not None and failed:
+            observer.failed(task.task_name, len(failed))
+        await self.finish(pairs)
+        for entry in live:
+            if not entry.future.done():
+                entry.future.set_result(None)
+
+    # -- results and acks ------------------------------------------------
+
+    async def _end_alone(self, item: NativeItem, error: BaseException) -> None:
+        """One message that ends before (or without) its batch's call."""
+        if item.received is not None:
+            await item.received
+            if item.ack_error is not None:
+                self._release(item)
+                return
+        if not isinstance(error, TimeoutError):
+            logger.error(
+                "batch task %s: message %s failed",
+                item.message.task_name,
+                item.message.task_id,
+                exc_info=error,
+            )
+        await self.finish([(item, Outcome(error))])
+
+    async def finish(self, pairs: Sequence[tuple[NativeItem, Outcome]]) -> None:
+        """What taskiq's receiver does after a task ran, for many messages at once."""
+        now = time.time()
+        results: list[tuple[NativeItem, TaskiqResult[Any]]] = []
+        for item, outcome in pairs:
+            if item.done:
+                continue
+            if item.expiry is not None:
+                item.expiry.cancel()
+                item.expiry = None
+            error = outcome.error
+            results.append(
+                (
+                    item,
+                    TaskiqResult(
+                        is_err=error is not None,
+                        log=None,
+                        return_value=None if error is not None else outcome.value,
+                        execution_time=round(now - item.started, 2),
+                        error=error,
+                        labels=item.message.labels,
+                    ),
+                )
+            )
+        everyone = [item for item, _ in results]
+        try:
+            failed = [(i, r) for i, r in results if r.error is not None]
+            for middleware in self._on_error:
+                failed = await _each(failed, functools.partial(_on_error, middleware))
+            kept = {id(item) for item, _ in failed}
+            results = [(i, r) for i, r in results if r.error is None or id(i) in kept]
+            await self._ack_at(results, AcknowledgeType.WHEN_EXECUTED)
+            for middleware in self._post_execute:
+                results = await _each(
+                    results, functools.partial(_post_execute, middleware)
+                )
+            to_store = [
+                (i, r) for i, r in results if not isinstance(r.error, NoResultError)
+            ]
+            if to_store:
+                errors = await store_many(
+                    self.broker.result_backend,
+                    [(i.message.task_id, r) for i, r in to_store],
+                )
+                stored: Finished = []
+                for pair, write_error in zip(to_store, errors, strict=True):
+                    if write_error is None:
+                        stored.append(pair)
+                    else:
+                        logger.error(
+                            "Can't set result in result backend.",
+                            exc_info=write_error,
+                        )
+                for middleware in self._post_save:
+                    stored = await _each(
+                        stored, functools.partial(_post_save, middleware)
+                    )
+            await self._ack_at(results, AcknowledgeType.WHEN_SAVED)
+        finally:
+            for item in everyone:
+                self._release(item)
+
+    async def _ack_at(
+        self,
+        results: list[tuple[NativeItem, TaskiqResult[Any]]],
+        when: AcknowledgeType,
+    ) -> None:
+        due = [
+            item
+            for item, _ in results
+            if item.ack_time is when and item.acks.is_ackable
+        ]
+        if not due:
+            return
+        errors = await self.ack_many(due)
+        for item, error in zip(due, errors, strict=True):
+            if error is not None:
+                logger.error(
+                    "batchtask: acknowledging message %s failed",
+                    item.message.task_id,
+                    exc_info=error,
+                )
+
+    async def ack_many(self, items: Sequence[NativeItem]) -> list[BaseException | None]:
+        """Ack the messages of `items` not acked yet; one round trip where known."""
+        if self._grouped_acks is not None:
+            return await self._grouped_acks.ack_many(
+                [(item.acks, item.ack) for item in items]
+            )
+        return await ack_each([item.acks for item in items])
+
+    def _release(self, item: NativeItem) -> None:
+        """The message ended: give its slot back (once)."""
+        if item.done:
+            return
+        item.done = True
+        if item.expiry is not None:
+            item.expiry.cancel()
+            item.expiry = None
+        if item.holds_slot:
+            self.receiver.sem_prefetch.release()
+        else:
+            self.unslotted -= 1
+
+    # -- life ------------------------------------------------------------
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._intakes.add(task)
+        task.add_done_callback(self._intakes.discard)
+
+    def close(self) -> None:
+        """Run every buffered batch now: no more messages will arrive."""
+        for batcher in self._batchers.values():
+            batcher.close()
+
+    async def drain(self) -> None:
+        """Wait until every taken message has ended."""
+        while self._intakes or any(
+            b.running or b.buffered for b in self._batchers.values()
+        ):
+            if self._intakes:
+                await asyncio.wait(set(self._intakes))
+            for batcher in self._batchers.values():
+                await batcher.drain()
+
+
+async def _each(
+    results: Finished, hook: Callable[[NativeItem, TaskiqResult[Any]], Any]
+) -> Finished:
+    """Run one middleware hook for each message; drop those where it raised."""
+    kept: Finished = []
+    waiting: list[tuple[int, Awaitable[Any]]] = []
+    for index, (item, result) in enumerate(results):
+        try:
+            returned = hook(item, result)
+        except Exception:
+            logger.exception(
+                "batchtask: a middleware raised for %s", item.message.task_id
+            )
+            continue
+        if inspect.isawaitable(returned):
+            waiting.append((index, returned))
+        else:
+            kept.append((item, result))
+    if not waiting:
+        return kept
+    replies = await asyncio.gather(*(w for _, w in waiting), return_exceptions=True)
+    passed = {id(item) for item, _ in kept}
+    for (index, _), reply in zip(waiting, replies, strict=True):
+        item = results[index][0]
+        if isinstance(reply, BaseException):
+            logger.error(
+                "batchtask: a middleware raised for %s",
+                item.message.task_id,
+                exc_info=reply,
+            )
+        else:
+            passed.add(id(item))
+    return [(item, result) for item, result in results if id(item) in passed]
+
+
+def _on_error(
+    middleware: TaskiqMiddleware, item: NativeItem, result: TaskiqResult[Any]
+) -> Any:
+    error = result.error
+    assert error is not None  # only failed results reach on_error
+    return middleware.on_error(item.message, result, error)
+
+
+def _post_execute(
+    middleware: TaskiqMiddleware, item: NativeItem, result: TaskiqResult[Any]
+) -> Any:
+    return middleware.post_execute(item.message, result)
+
+
+def _post_save(
+    middleware: TaskiqMiddleware, item: NativeItem, result: TaskiqResult[Any]
+) -> Any:
+    return middleware.post_save(item.message, result)
+
+
+def _overriding(
+    middlewares: Iterable[TaskiqMiddleware], hook: str
+) -> list[TaskiqMiddleware]:
+    """The middlewares that define `hook`, in the order given."""
+    base = getattr(TaskiqMiddleware, hook)
+    return [m for m in middlewares if getattr(type(m), hook) is not base]
+
+
+def _name_filter(broker: AsyncBroker) -> tuple[bytes, ...] | None:
+    """Byte strings one of which a batch task's message must contain.
+
+    Only for taskiq's JSON formatter, which writes each task name as it is
+    (for names without characters JSON escapes): a message without any of
+    them is not a batch task's and goes to taskiq unparsed. None: parse all.
+    """
+    if type(broker.formatter) is not JSONFormatter:
+        return None
+    names: list[bytes] = []
+    for task in broker.get_all_tasks().values():
+        if batch_task_of(task.original_func) is None:
+            continue
+        name = task.task_name
+        if (
+            not name.isascii()
+            or any(c in name for c in '"\\')
+            or not name.isprintable()
+        ):
+            return None
+        names.append(f'"task_name":"{name}"'.encode())
+    return tuple(names)
