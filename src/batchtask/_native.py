@@ -103,6 +103,8 @@ class NativePath:
         self.max_buffered = max_buffered
         self.unslotted = 0
         """Items waiting now whose delivery slot went back at once."""
+        self.taken = 0
+        """Deliveries taken so far."""
         self._batchers: dict[str, Batcher[NativeItem, Any]] = {}
         self._received: list[NativeItem] = []
         self._intakes: set[asyncio.Task[None]] = set()
@@ -143,6 +145,7 @@ class NativePath:
         task = None if found is None else batch_task_of(found.original_func)
         if task is None:
             return False
+        self.taken += 1
         holds_slot = owns_delivery_slot
         if self.unslotted < self.max_buffered:
             if owns_delivery_slot:

@@ -1,0 +1,499 @@
+"""The batch-native path against taskiq's own: every message sees the same.
+
+Each scenario kicks the same messages (same task ids) into a fresh broker and
+runs them once through taskiq's stock ``Receiver`` (batch tasks then ride the
+entry point) and once through `BatchReceiver` (the batch-native path). A
+recording middleware, result backend and ack log note, per task id, what
+happened to the message in order: the hooks with the message each saw, the
+result stored (value or error class and text), the ack. The two runs must
+record the same sequence for every message. Where they differ, the stock one
+is right.
+
+The broker is an in-memory one whose messages are ackable, so that every ack
+type can be observed without a server; ``tests/test_ack_types.py`` runs the
+ack types on real brokers and workers.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel
+from taskiq import (
+    AckableMessage,
+    AsyncBroker,
+    BrokerMessage,
+    Context,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+    TaskiqResult,
+)
+from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+from taskiq.middlewares import SimpleRetryMiddleware
+from taskiq.receiver import Receiver
+
+from batchtask import BatchReceiver, PartialFailure, batch_task
+from batchtask._context import BatchContext
+from batchtask._lifecycle import close_all
+from tests.conftest import within
+
+Log = dict[str, list[tuple[Any, ...]]]
+
+
+def _error(error: BaseException | None) -> tuple[str, str] | None:
+    return None if error is None else (type(error).__name__, str(error))
+
+
+class Recorder(TaskiqMiddleware):
+    """Notes each hook with what its message and result held."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+
+    def note(self, message: TaskiqMessage, *event: Any) -> None:
+        self.log.setdefault(delivery(message.task_id, message.labels), []).append(event)
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        self.note(message, "pre_execute", list(message.args), dict(message.kwargs))
+        return message
+
+    def on_error(
+        self,
+        message: TaskiqMessage,
+        result: TaskiqResult[Any],
+        exception: BaseException,
+    ) -> None:
+        self.note(message, "on_error", list(message.args), _error(exception))
+
+    async def post_execute(
+        self, message: TaskiqMessage, result: TaskiqResult[Any]
+    ) -> None:
+        await asyncio.sleep(0)  # an async hook among sync ones
+        self.note(
+            message,
+            "post_execute",
+            list(message.args),
+            result.is_err,
+            result.return_value,
+            _error(result.error),
+        )
+
+    def post_save(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        self.note(message, "post_save", result.is_err)
+
+
+class Rewriter(TaskiqMiddleware):
+    """Rewrites every message before it runs: its item plus 1000."""
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        if message.args:
+            message.args[0] = message.args[0] + 1000
+        message.labels["rewritten"] = "yes"
+        return message
+
+
+class AsyncRewriter(Rewriter):
+    """The same, from an async hook."""
+
+    async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:  # type: ignore[override]
+        await asyncio.sleep(0)
+        return super().pre_execute(message)
+
+
+class RecordingBackend(InmemoryResultBackend[Any]):
+    def __init__(self, log: Log) -> None:
+        super().__init__(max_stored_results=-1)
+        self.log = log
+
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        self.log.setdefault(delivery(task_id, result.labels), []).append(
+            ("stored", result.is_err, result.return_value, _error(result.error))
+        )
+        await super().set_result(task_id, result)
+
+
+class AckingBroker(AsyncBroker):
+    """In memory, but every message is an `AckableMessage` whose ack is logged."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.kicked = 0
+
+    async def kick(self, message: BrokerMessage) -> None:
+        self.kicked += 1
+        self.queue.put_nowait(message.message)
+
+    async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:
+        deliveries: dict[str, int] = {}
+        while True:
+            message = json.loads(await self.queue.get())
+            task_id = message["task_id"]
+            deliveries[task_id] = deliveries.get(task_id, 0) + 1
+            message["labels"]["delivery"] = str(deliveries[task_id])
+            key = delivery(task_id, message["labels"])
+
+            async def ack(key: str = key) -> None:
+                await asyncio.sleep(0)
+                self.log.setdefault(key, []).append(("ack",))
+
+            # Compact, as taskiq's JSON formatter writes it.
+            data = json.dumps(message, separators=(",", ":")).encode()
+            yield AckableMessage(data=data, ack=ack)
+
+
+def delivery(task_id: str, labels: dict[str, Any]) -> str:
+    """A message's task id and which delivery of it this is."""
+    return f"{task_id}#{labels.get('delivery')}"
+
+
+@dataclass
+class Scenario:
+    """One way of using a batch task; `define` registers it on a broker."""
+
+    name: str
+    define: Callable[[AsyncBroker], Any]
+    items: list[Any]
+    kiq_labels: dict[int, dict[str, Any]] = field(default_factory=lambda: {})
+    middlewares: Callable[[], list[TaskiqMiddleware]] = lambda: []
+    ack_type: str | None = None
+    expect_stored: int | None = None
+    """Results that end the run (default: one per item)."""
+    settle: float = 0.0
+    """Seconds to wait after the last result (acks that follow it)."""
+    shutdown: bool = False
+    """Shut the worker down gracefully once every message was delivered."""
+
+
+class Row(BaseModel):
+    id: int
+
+
+def shared(broker: AsyncBroker) -> Any:
+    @batch_task(broker, batch_size=4, batch_timeout=0.05, task_name="t")
+    async def save(items: list[int], table: str = "events") -> str:
+        return f"saved into {table}"
+
+    return save
+
+
+def per_item(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def double(items: list[int]) -> list[int]:
+        return [2 * item for item in items]
+
+    return double
+
+
+def sync_per_item(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    def double(items: list[int]) -> list[int]:
+        return [2 * item for item in items]
+
+    return double
+
+
+def partial(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def fives_fail(items: list[int]) -> list[int]:
+        bad = {
+            i: ValueError(f"{v} ends in 5") for i, v in enumerate(items) if v % 5 == 0
+        }
+        if bad:
+            raise PartialFailure(bad, results=[v + 1 for v in items])
+        return [v + 1 for v in items]
+
+    return fives_fail
+
+
+def bisect(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=8,
+        batch_timeout=0.05,
+        results="per_item",
+        bisect_on_error=True,
+        task_name="t",
+    )
+    async def poisoned(items: list[int]) -> list[int]:
+        if 7 in items:
+            raise KeyError(f"poison among {len(items)}")
+        return [-item for item in items]
+
+    return poisoned
+
+
+def failing(broker: AsyncBroker) -> Any:
+    @batch_task(broker, batch_size=4, batch_timeout=0.05, task_name="t")
+    async def always(items: list[int]) -> None:
+        raise LookupError(f"no table for {len(items)} item(s)")
+
+    return always
+
+
+def wrong_length(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    return short
+
+
+def validated(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def ids(rows: list[Row], scale: int) -> list[int]:
+        return [row.id * scale for row in rows]
+
+    return ids
+
+
+def with_context(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def seen(
+        items: list[int], ctx: Annotated[Context, TaskiqDepends()]
+    ) -> list[str]:
+        return [f"{item}:{ctx.message.task_name}" for item in items]
+
+    return seen
+
+
+def manual_context_ack(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, ack_type="manual", task_name="t"
+    )
+    async def acks_all(items: list[int], ctx: Context = TaskiqDepends()) -> int:
+        await ctx.ack()
+        return len(items) * 0
+
+    return acks_all
+
+
+def manual_batch_context(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, ack_type="manual", task_name="t"
+    )
+    async def acks_even(items: list[int], ctx: BatchContext = TaskiqDepends()) -> None:
+        assert [m.args[0] for m in ctx.messages] == items
+        for index, item in enumerate(items):
+            if item % 2 == 0:
+                await ctx.ack_item(index)
+            if item == 3:
+                ctx.reject_item(index)
+
+    return acks_even
+
+
+def manual_batch_context_all(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, ack_type="manual", task_name="t"
+    )
+    async def acks(items: list[int], ctx: BatchContext = TaskiqDepends()) -> None:
+        await ctx.ack()
+
+    return acks
+
+
+def manual_silent(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, ack_type="manual", task_name="t"
+    )
+    async def never_acks(items: list[int]) -> None:
+        return None
+
+    return never_acks
+
+
+def requeues(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def once_more(
+        items: list[int], ctx: BatchContext = TaskiqDepends()
+    ) -> list[int]:
+        for index, message in enumerate(ctx.messages):
+            if items[index] == 2 and "X-Taskiq-requeue" not in message.labels:
+                await ctx.requeue_item(index)
+        return items
+
+    return once_more
+
+
+def slow(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=100, batch_timeout=0.6, results="per_item", task_name="t"
+    )
+    async def waits(items: list[int]) -> list[int]:
+        return items
+
+    return waits
+
+
+def waits_long(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=100, batch_timeout=60, results="per_item", task_name="t"
+    )
+    async def waits(items: list[int]) -> list[int]:
+        return items
+
+    return waits
+
+
+def retried(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        bisect_on_error=True,
+        retry_on_error=True,
+        max_retries=3,
+        task_name="t",
+    )
+    async def flaky(items: list[int]) -> list[int]:
+        if 5 in items:
+            raise RuntimeError("5 is never accepted")
+        return items
+
+    return flaky
+
+
+N = list(range(10))
+
+SCENARIOS = [
+    Scenario("shared", shared, N),
+    Scenario("per_item", per_item, N),
+    Scenario("sync function", sync_per_item, N),
+    Scenario("partial failure", partial, N),
+    Scenario("bisect", bisect, N),
+    Scenario("a raising call", failing, N),
+    Scenario("a wrong number of results", wrong_length, N),
+    Scenario(
+        "invalid items and arguments",
+        validated,
+        [{"id": 1}, {"id": "x"}, {"id": 3}, "nope", {"id": 5}],
+    ),
+    Scenario("taskiq's Context", with_context, N),
+    Scenario("pre_execute rewrites", per_item, N, middlewares=lambda: [Rewriter()]),
+    Scenario(
+        "async pre_execute rewrites",
+        per_item,
+        N,
+        middlewares=lambda: [AsyncRewriter()],
+    ),
+    Scenario("when_received", per_item, N, ack_type="when_received"),
+    Scenario("when_executed", per_item, N, ack_type="when_executed"),
+    Scenario("when_saved", per_item, N, ack_type="when_saved"),
+    Scenario("manual: Context.ack()", manual_context_ack, N, settle=0.1),
+    Scenario("manual: BatchContext.ack_item()", manual_batch_context, N, settle=0.1),
+    Scenario("manual: BatchContext.ack()", manual_batch_context_all, N, settle=0.1),
+    Scenario("manual: no ack", manual_silent, N, settle=0.1),
+    Scenario("requeue one item", requeues, [1, 2, 3], expect_stored=3, settle=0.2),
+    Scenario(
+        "the timeout label",
+        slow,
+        [1, 2, 3],
+        kiq_labels={1: {"timeout": 0.1}},
+    ),
+    Scenario("graceful shutdown", waits_long, N, shutdown=True),
+    Scenario(
+        "retries of single items",
+        retried,
+        N,
+        middlewares=lambda: [SimpleRetryMiddleware()],
+        settle=0.3,
+    ),
+]
+
+
+async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
+    log: Log = {}
+    broker = AckingBroker(log)
+    broker.with_result_backend(RecordingBackend(log))
+    broker.add_middlewares(*scenario.middlewares(), Recorder(log))
+    task = scenario.define(broker)
+    await broker.startup()
+    for index, item in enumerate(scenario.items):
+        kicker = task.kicker().with_task_id(f"m{index}")
+        labels = dict(scenario.kiq_labels.get(index, {}))
+        if scenario.ack_type is not None:
+            labels["ack_type"] = scenario.ack_type
+        if labels:
+            kicker = kicker.with_labels(**labels)
+        if scenario.define is validated:
+            await broker.kick(
+                broker.formatter.dumps(
+                    TaskiqMessage(
+                        task_id=f"m{index}",
+                        task_name=task.task_name,
+                        labels={},
+                        args=[item] if index != 3 else [item, 2, 3],
+                        kwargs={} if index == 3 else {"scale": 2},
+                    )
+                )
+            )
+        else:
+            await kicker.kiq(item)
+    receiver = receiver_class(
+        broker, max_async_tasks=100, run_startup=False, **_receiver_args(receiver_class)
+    )
+    finish = asyncio.Event()
+    listener = asyncio.create_task(receiver.listen(finish))
+    expected = scenario.expect_stored or len(scenario.items)
+
+    async def stored_all() -> None:
+        while (
+            sum(1 for events in log.values() for e in events if e[0] == "stored")
+            < expected
+        ):
+            await asyncio.sleep(0.01)
+
+    if scenario.shutdown:
+        while not broker.queue.empty():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        # What the worker's SIGTERM handler does (see batchtask._lifecycle).
+        close_all(asyncio.get_running_loop())
+        finish.set()
+    await within(stored_all(), 30)
+    await asyncio.sleep(scenario.settle + 0.05)
+    finish.set()
+    await within(listener, 30)
+    await broker.shutdown()
+    if isinstance(receiver, BatchReceiver):
+        assert receiver.native is not None
+        assert receiver.native.taken == broker.kicked, "the native path took all"
+    return log
+
+
+def _receiver_args(receiver_class: type[Receiver]) -> dict[str, Any]:
+    return {}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+async def test_each_message_sees_the_same_on_both_paths(scenario: Scenario) -> None:
+    stock = await run(scenario, Receiver)
+    native = await run(scenario, BatchReceiver)
+    assert stock, "the scenario recorded something"
+    for task_id in sorted(set(stock) | set(native)):
+        assert native.get(task_id) == stock.get(task_id), (
+            f"{scenario.name}: message {task_id}\n"
+            f"  taskiq:    {stock.get(task_id)}\n  batch-native: {native.get(task_id)}"
+        )
