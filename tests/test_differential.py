@@ -36,8 +36,7 @@ from taskiq.brokers.inmemory_broker import InmemoryResultBackend
 from taskiq.middlewares import SimpleRetryMiddleware
 from taskiq.receiver import Receiver
 
-from batchtask import BatchReceiver, PartialFailure, batch_task
-from batchtask._context import BatchContext
+from batchtask import BatchContext, BatchReceiver, PartialFailure, batch_task
 from batchtask._lifecycle import close_all
 from tests.conftest import within
 

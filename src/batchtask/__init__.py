@@ -10,6 +10,7 @@ extra arguments, at the latest 2 seconds after the group's first row.
 
 from batchtask._batcher import FlushReason
 from batchtask._config import BatchConfig, ResultsMode
+from batchtask._context import BatchContext
 from batchtask._errors import (
     BatchArgumentError,
     BatchCallError,
@@ -28,6 +29,7 @@ __all__ = [
     "BatchCallError",
     "BatchConfig",
     "BatchConfigError",
+    "BatchContext",
     "BatchKicker",
     "BatchReceiver",
     "BatchResultError",

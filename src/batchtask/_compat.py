@@ -14,6 +14,7 @@ from typing import Any
 from taskiq.receiver import Receiver
 
 RECEIVER_ATTRIBUTES = (
+    "max_tasks_to_execute",
     "sem",
     "sem_prefetch",
     "ack_time",
@@ -27,9 +28,11 @@ RECEIVER_ATTRIBUTES = (
 """Attributes of a taskiq ``Receiver`` the batch-native path reads (undocumented)."""
 
 PRIVATE_NAMES = (
-    "taskiq.receiver.Receiver.runner(queue): takes the prefetched deliveries",
-    "taskiq.receiver.receiver._PrefetchedMessage: fields data, owns_delivery_slot",
-    "taskiq.receiver.receiver._QueueSignal.DONE: the end of deliveries, no data",
+    "taskiq.receiver.Receiver.prefetcher(queue, finish_event): reads the broker "
+    "and puts each delivery on the runner's queue",
+    "taskiq.receiver.receiver._PrefetchedMessage(data, owns_delivery_slot): "
+    "a delivery on that queue",
+    "taskiq.receiver.receiver._QueueSignal.DONE: the end of deliveries",
     "taskiq_redis.RedisAsyncResultBackend._task_name(task_id): a result's key",
     "taskiq_redis.RedisStreamBroker._ack_generator.<locals>._ack: free variables "
     "self, queue_name, id",
@@ -42,20 +45,18 @@ def receiver_changes(receiver: Any) -> list[str]:
     from taskiq.receiver import receiver as module
 
     changed: list[str] = []
-    params = list(inspect.signature(Receiver.runner).parameters)
-    if params != ["self", "queue"]:
-        changed.append(f"Receiver.runner{tuple(params)}")
+    params = list(inspect.signature(Receiver.prefetcher).parameters)
+    if params != ["self", "queue", "finish_event"]:
+        changed.append(f"Receiver.prefetcher{tuple(params)}")
     delivery = getattr(module, "_PrefetchedMessage", None)
     fields = (
         {field.name for field in dataclasses.fields(delivery)}
-        if dataclasses.is_dataclass(delivery)
+        if isinstance(delivery, type) and dataclasses.is_dataclass(delivery)
         else set[str]()
     )
-    if not {"data", "owns_delivery_slot"} <= fields:
+    if fields != {"data", "owns_delivery_slot"}:
         changed.append("_PrefetchedMessage(data, owns_delivery_slot)")
-    signal = getattr(module, "_QueueSignal", None)
-    done = getattr(signal, "DONE", None)
-    if done is None or hasattr(done, "data"):
+    if getattr(getattr(module, "_QueueSignal", None), "DONE", None) is None:
         changed.append("_QueueSignal.DONE")
     changed.extend(
         f"Receiver.{name}"
@@ -63,6 +64,26 @@ def receiver_changes(receiver: Any) -> list[str]:
         if not hasattr(receiver, name)
     )
     return changed
+
+
+def delivery(data: Any, *, owns_delivery_slot: bool) -> Any:
+    """A delivery for taskiq's runner queue, as taskiq's prefetcher makes it."""
+    from taskiq.receiver import receiver as module
+
+    made: Any = module._PrefetchedMessage(  # pyright: ignore[reportPrivateUsage]
+        data=data, owns_delivery_slot=owns_delivery_slot
+    )
+    return made
+
+
+def _end_of_deliveries() -> Any:
+    from taskiq.receiver import receiver as module
+
+    return getattr(getattr(module, "_QueueSignal", None), "DONE", None)
+
+
+END_OF_DELIVERIES: Any = _end_of_deliveries()
+"""What taskiq's prefetcher puts on the runner's queue after the last delivery."""
 
 
 def redis_changes() -> list[str]:

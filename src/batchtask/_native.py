@@ -77,7 +77,9 @@ class NativeItem:
     started: float
     """``time.time()`` on arrival: a result's ``execution_time`` counts from it."""
     holds_slot: bool
-    """Whether it keeps its delivery slot until it ends (see `NativePath.take`)."""
+    """Whether it holds a delivery slot, given back when it ends."""
+    unslotted: bool = False
+    """Whether it counts among the items waiting without a slot."""
     bound: Any = None
     received: "asyncio.Future[None] | None" = None
     """The ``when_received`` ack round trip this message waits for."""
@@ -129,9 +131,11 @@ class NativePath:
     def take(self, data: bytes | AckableMessage, owns_delivery_slot: bool) -> bool:
         """Take one delivery if it is a batch task's; False leaves it to taskiq.
 
-        A taken message gives its delivery slot back at once while fewer than
-        `max_buffered` items wait that way; beyond that it keeps the slot
-        until it ends, so the broker stops delivering (memory stays bounded).
+        A taken message keeps its delivery slot while an async
+        ``pre_execute`` runs for it (so the slots bound how many do), then
+        gives it back as it joins its batch while fewer than `max_buffered`
+        items wait that way; beyond that it keeps the slot until it ends, so
+        the broker stops delivering (memory stays bounded).
         """
         raw = data.data if isinstance(data, AckableMessage) else data
         if self._names is not None and not any(name in raw for name in self._names):
@@ -146,12 +150,6 @@ class NativePath:
         if task is None:
             return False
         self.taken += 1
-        holds_slot = owns_delivery_slot
-        if self.unslotted < self.max_buffered:
-            if owns_delivery_slot:
-                self.receiver.sem_prefetch.release()
-            holds_slot = False
-            self.unslotted += 1
         ack = data.ack if isinstance(data, AckableMessage) else None
         item = NativeItem(
             message,
@@ -159,7 +157,7 @@ class NativePath:
             AckController(ack),
             AcknowledgeType.WHEN_SAVED,
             time.time(),
-            holds_slot,
+            owns_delivery_slot,
         )
         for index, middleware in enumerate(self._pre_execute):
             returned = middleware.pre_execute(item.message)
@@ -200,6 +198,12 @@ class NativePath:
     ) -> None:
         """Ack type, ``when_received`` ack, arguments; then into the batch."""
         receiver = self.receiver
+        if self.unslotted < self.max_buffered:
+            if item.holds_slot:
+                receiver.sem_prefetch.release()
+                item.holds_slot = False
+            self.unslotted += 1
+            item.unslotted = True
         message = item.message
         label = message.labels.get("ack_type")
         try:
@@ -494,7 +498,7 @@ class NativePath:
             item.expiry = None
         if item.holds_slot:
             self.receiver.sem_prefetch.release()
-        else:
+        if item.unslotted:
             self.unslotted -= 1
 
     # -- life ------------------------------------------------------------

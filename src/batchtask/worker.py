@@ -26,10 +26,13 @@ own path, where batching works as on any worker.
 """
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
+import anyio
 from taskiq import AckableMessage, AsyncBroker
 from taskiq.receiver import Receiver
 
@@ -106,34 +109,71 @@ class BatchReceiver(Receiver):
         finally:
             broker.result_backend = original
 
-    async def runner(self, queue: "asyncio.Queue[Any]") -> None:
-        """Take batch tasks' deliveries; hand every other one to taskiq's runner."""
+    async def prefetcher(
+        self, queue: "asyncio.Queue[Any]", finish_event: asyncio.Event
+    ) -> None:
+        """Read the broker; batch tasks' deliveries go to the batch-native path.
+
+        One task reads the broker's ``listen()`` (taskiq's prefetcher starts two
+        tasks per delivery); every other delivery goes on `queue` to taskiq's
+        runner exactly as taskiq's prefetcher puts it there. When
+        `finish_event` is set (or ``--max-tasks-per-child`` is reached), reading
+        stops, buffered batches run at once and are waited for, then the
+        runner is told that no more deliveries come.
+        """
         native = self.native
         if native is None:
-            await super().runner(queue)
+            await super().prefetcher(queue, finish_event)
             return
         native.start()
-        deliveries: asyncio.Queue[Any] = asyncio.Queue()
-        stock = asyncio.create_task(super().runner(deliveries))
+        deliveries = self.broker.listen()
+        reading = asyncio.ensure_future(self._read(deliveries, queue))
+        finishing = asyncio.ensure_future(finish_event.wait())
         try:
-            while True:
-                queued = await queue.get()
-                data = getattr(queued, "data", None)
-                if data is None:  # taskiq's signal: no more deliveries
-                    deliveries.put_nowait(queued)
-                    break
-                if not native.take(data, queued.owns_delivery_slot):
-                    deliveries.put_nowait(queued)
-        except asyncio.CancelledError:
-            # As taskiq's runner: a cancelled runner stops; buffered items
-            # are run by the worker's shutdown (their batchers drain there).
-            stock.cancel()
-            await asyncio.gather(stock, return_exceptions=True)
-            return
-        native.close()  # nothing more arrives: run what is buffered now
-        draining = asyncio.ensure_future(native.drain())
-        await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
-        await stock
+            await asyncio.wait(
+                {reading, finishing}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            logger.info("Stopping prefetching messages...")
+            reading.cancel()
+            finishing.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(reading, finishing, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await deliveries.aclose()
+                native.close()  # nothing more arrives: run what is buffered now
+                draining = asyncio.ensure_future(native.drain())
+                await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
+                queue.put_nowait(_compat.END_OF_DELIVERIES)
+        if not reading.cancelled():
+            error = reading.exception()
+            if error is not None:
+                raise error  # the broker's listen() failed: as taskiq's prefetcher
+
+    async def _read(
+        self,
+        deliveries: AsyncIterator[bytes | AckableMessage],
+        queue: "asyncio.Queue[Any]",
+    ) -> None:
+        native = self.native
+        assert native is not None
+        slots = self.sem_prefetch
+        limit = self.max_tasks_to_execute
+        fetched = 0
+        while not limit or fetched < limit:
+            await slots.acquire()
+            try:
+                data = await anext(deliveries)
+            except StopAsyncIteration:
+                slots.release()
+                return
+            except BaseException:
+                slots.release()
+                raise
+            fetched += 1
+            if not native.take(data, owns_delivery_slot=True):
+                queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
+        logger.info("Max number of tasks executed.")
 
     async def callback(
         self, message: bytes | AckableMessage, raise_err: bool = False
