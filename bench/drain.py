@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/drain.py [--items 20000] [--rounds 3]
         [--brokers stream,rabbitmq,nats] [--json bench/results/drain.json]
-        [--modes plain,batched,plain_lock,batched_lock] [--profile DIR]
+        [--modes plain,batched,lean,plain_lock,batched_lock] [--profile DIR]
 
 Never part of the test run. Needs Redis (127.0.0.1:6379, also the result
 backend and the completion counter for every broker), and RabbitMQ
@@ -15,6 +15,11 @@ Modes (one task registered per worker, the same for producer and worker):
 - ``plain``: ``@broker.task async def noop(item: int) -> None``;
 - ``batched``: ``@batch_task(broker, batch_size=100, batch_timeout=0.5)``
   ``async def noop_batch(items: list[int]) -> None``;
+- ``lean`` (``stream`` only; skipped with a note for the other brokers): no
+  taskiq worker but ``bench/lean.py``, a page of redis-py in 2 processes that
+  reads the stream 100 messages at a time, parses them, stores their results
+  in one pipeline and acks them with one XACK: how close a worker comes to a
+  lean Python consumer of the same queue. Prefilled as ``batched``;
 - ``plain_lock`` / ``batched_lock``: the same, but each *call* holds a
   process-wide ``asyncio.Lock`` for 2 ms (one DB connection, a rate-limited
   API): per item for plain, per batch for batched;
@@ -32,7 +37,8 @@ Modes (one task registered per worker, the same for producer and worker):
 Every worker is ``taskiq worker drain:broker --workers 2`` with default flags
 (INFO logging to a file included), plus ``--receiver batchtask:BatchReceiver``
 for the batched modes (``batched_stock``: the stock receiver with
-``--max-async-tasks 500`` instead). Results go to taskiq-redis's
+``--max-async-tasks 500`` instead); ``lean`` is ``bench/lean.py --workers 2``
+instead, writing the same result keys and values. Results go to taskiq-redis's
 ``RedisAsyncResultBackend`` for every broker. Brokers: ``stream``
 (``RedisStreamBroker``), ``rabbitmq`` (``AioPikaBroker``, ``qos=1000``) and
 ``nats`` (``PullBasedJetStreamBroker``, ``pull_consume_batch=100``,
@@ -42,8 +48,9 @@ afterwards with its result keys.
 Method, per (broker, mode, round); rounds alternate the order of the modes:
 
 1. Prefill: the producer (this process) sends N items to a fresh queue
-   (``kiq_many(range(N))`` for batched modes, pipelined on Redis; concurrent
-   ``kiq`` in chunks of 200 for plain) and checks the queue holds N messages.
+   (``kiq_many(range(N))`` for batched modes and ``lean``, pipelined on Redis;
+   concurrent ``kiq`` in chunks of 200 for plain) and checks the queue holds N
+   messages.
 2. Start the worker; it begins draining as soon as one of its two processes
    listens.
 3. The measured window starts when *both* processes have logged "Listening
@@ -71,13 +78,13 @@ window; c0 is 0 in nearly every run.
 Completions are counted without adding a Redis round trip per item: each
 call adds its number of items to a counter in the worker process, and a
 background task there adds the counter to a Redis key every 10 ms; this
-process polls the key every 10 ms. Both modes pay the same for it. An item
+process polls the key every 10 ms. Every mode pays the same for it. An item
 counts as done when its call returns; its result write and ack follow within
-milliseconds.
+milliseconds (``lean`` counts a batch after its XACK).
 
-The default run (3 rounds x 3 brokers x 4 modes, 20,000 items) takes about
-7-8 minutes on the 2-core machine; the lock-bound ``plain_lock`` runs (about
-27 s each) are most of it.
+The default run (3 rounds x 3 brokers x 4 modes, and ``lean`` on the stream;
+20,000 items) takes about 7-8 minutes on the 2-core machine; the lock-bound
+``plain_lock`` runs (about 27 s each) are most of it.
 
 ``--profile DIR`` attaches ``py-spy record --nonblocking --format raw`` to
 each worker process for the measured window (a profiled run's rate is not
@@ -150,12 +157,14 @@ class Mode:
 
     work: ``noop``; ``lock`` (2 ms under a process-wide lock per call);
     ``pg`` (PostgreSQL: one INSERT per item, or one COPY per batch);
-    ``pg_many`` (one ``executemany`` INSERT per batch).
+    ``pg_many`` (one ``executemany`` INSERT per batch). lean: drained by
+    ``bench/lean.py`` instead of a taskiq worker (``flags`` unused).
     """
 
     batched: bool
     flags: tuple[str, ...]
     work: str = "noop"
+    lean: bool = False
 
     @property
     def lock(self) -> bool:
@@ -167,6 +176,8 @@ RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 MODES = {
     "plain": Mode(batched=False, flags=()),
     "batched": Mode(batched=True, flags=RECEIVER),
+    # Prefilled as batched (kiq_many of the batched task), drained by lean.py.
+    "lean": Mode(batched=True, flags=(), lean=True),
     "plain_lock": Mode(batched=False, flags=(), work="lock"),
     "batched_lock": Mode(batched=True, flags=RECEIVER, work="lock"),
     "plain_pg": Mode(batched=False, flags=(), work="pg"),
@@ -176,7 +187,9 @@ MODES = {
     "batched_defaults": Mode(batched=True, flags=()),
     "plain_async500": Mode(batched=False, flags=("--max-async-tasks", "500")),
 }
-DEFAULT_MODES = ["plain", "batched", "plain_lock", "batched_lock"]
+DEFAULT_MODES = ["plain", "batched", "lean", "plain_lock", "batched_lock"]
+LEAN_BROKERS = ["stream"]
+"""Brokers lean.py can drain (it speaks the Redis stream protocol only)."""
 PG_MODES = ["plain_pg", "batched_pg", "batched_pg_many"]
 
 
@@ -513,22 +526,24 @@ async def prefill(kind: str, queue: str, mode_name: str, items: int) -> list[str
 def start_worker(
     kind: str, queue: str, mode_name: str, log: Path
 ) -> subprocess.Popen[bytes]:
-    """``taskiq worker drain:broker`` in its own process group, logging to `log`."""
+    """``taskiq worker drain:broker`` (or lean.py) in its own process group.
+
+    Its output goes to `log`.
+    """
     env = dict(os.environ)
     env.update({ENV_BROKER: kind, ENV_QUEUE: queue, ENV_MODE: mode_name})
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
-    command = [
-        sys.executable,
-        "-m",
-        "taskiq",
-        "worker",
-        "drain:broker",
-        "--workers",
-        str(WORKERS),
-        *MODES[mode_name].flags,
-    ]
+    mode = MODES[mode_name]
+    command = [sys.executable]
+    if mode.lean:
+        command += [str(HERE / "lean.py"), queue, "--workers", str(WORKERS)]
+        command += ["--redis", REDIS_URL, "--result-ex", str(RESULT_EX_TIME)]
+        command += ["--flush-every", str(FLUSH_EVERY)]
+    else:
+        command += ["-m", "taskiq", "worker", "drain:broker"]
+        command += ["--workers", str(WORKERS), *mode.flags]
     with log.open("wb") as out:  # a file, not a pipe that could fill up
         return subprocess.Popen(
             command,
@@ -926,6 +941,18 @@ def ratio(rates: dict[str, list[float]], top: str, bottom: str) -> float | None:
     return statistics.median(rates[top]) / statistics.median(rates[bottom])
 
 
+def round_ratios(runs: list[dict[str, Any]], top: str, bottom: str) -> list[float]:
+    """Items/s of `top` / `bottom` within each round that measured both."""
+    by_round: dict[tuple[str, int], float] = {
+        (run["mode"], run["round"]): run["items_per_s"] for run in runs
+    }
+    return [
+        by_round[(top, number)] / by_round[(bottom, number)]
+        for mode, number in sorted(by_round)
+        if mode == top and (bottom, number) in by_round
+    ]
+
+
 LEGEND = """
 items/s: (N - items done before both worker processes listened) / (time from
 then to the last item); steady: the same between 10 % and 90 % of those items.
@@ -934,6 +961,9 @@ cores: average cores busy in the window: the worker; the servers (redis-server,
 beam.smp, nats-server, postgres); everything else on the machine (other load).
 call size: mean items per function call; lock ms: mean time a call held the
 lock; start: worker start to both processes listening. Medians over rounds.
+Ratios: of the medians; "rounds": the lowest and highest ratio within a round.
+lean: bench/lean.py, redis-py alone (XREADGROUP 100, one pipeline of results
+and one XACK per batch) in 2 processes, draining the same stream.
 """
 
 
@@ -980,6 +1010,8 @@ def table(kind: str, runs: list[dict[str, Any]], modes: list[str]) -> list[str]:
         )
     for top, bottom, note in [
         ("batched", "plain", ""),
+        ("batched", "lean", " (batchtask worker vs a lean redis-py consumer)"),
+        ("plain", "lean", " (taskiq's own task vs a lean redis-py consumer)"),
         ("batched_lock", "plain_lock", ""),
         ("batched_lock", "batched", " (2 ms lock per batch vs the no-op ceiling)"),
         ("batched_pg", "plain_pg", " (COPY per batch vs INSERT per item)"),
@@ -990,9 +1022,13 @@ def table(kind: str, runs: list[dict[str, Any]], modes: list[str]) -> list[str]:
     ]:
         value = ratio(rates, top, bottom)
         if value is not None:
+            paired = round_ratios(mine, top, bottom)
+            rounds_text = (
+                f", rounds {min(paired):.2f}-{max(paired):.2f}x" if paired else ""
+            )
             lines.append(
                 f"  {top} / {bottom}: {value:.2f}x "
-                f"(steady {ratio(steadies, top, bottom):.2f}x){note}"
+                f"(steady {ratio(steadies, top, bottom):.2f}x{rounds_text}){note}"
             )
     odd = [
         f"{run['mode']} round {run['round']}: {run['done_final']} done"
@@ -1056,12 +1092,22 @@ async def main() -> int:
         require_pg()
     runs: list[dict[str, Any]] = []
     error = None
+    for kind in args.brokers:
+        skipped = [m for m in args.modes if MODES[m].lean and kind not in LEAN_BROKERS]
+        if skipped:
+            print(
+                f"note: {', '.join(skipped)} skipped for {kind}: lean.py reads "
+                f"only a Redis stream ({', '.join(LEAN_BROKERS)})",
+                flush=True,
+            )
     began = time.perf_counter()
     try:
         for round_ in range(args.rounds):
             for kind in args.brokers:
                 order = args.modes if round_ % 2 == 0 else args.modes[::-1]
                 for mode in order:
+                    if MODES[mode].lean and kind not in LEAN_BROKERS:
+                        continue
                     error = f"{kind} {mode} round {round_ + 1}"
                     run = await measure(kind, mode, args.items, args.profile)
                     run["round"] = round_ + 1
@@ -1136,6 +1182,7 @@ def write_json(
             "batch_timeout": BATCH_TIMEOUT,
             "lock_seconds": LOCK_SECONDS,
             "worker_flags": {mode: list(MODES[mode].flags) for mode in args.modes},
+            "lean_brokers": LEAN_BROKERS,
         },
         "machine": {
             "cpus": os.cpu_count(),

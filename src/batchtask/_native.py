@@ -48,7 +48,9 @@ from taskiq import (
 from taskiq.acks import AckController, AcknowledgeType, parse_acknowledge_type
 from taskiq.exceptions import NoResultError
 from taskiq.formatters.json_formatter import JSONFormatter
+from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.receiver.params_parser import parse_params
+from taskiq.serializers import JSONSerializer
 
 from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher, Entry
@@ -138,8 +140,13 @@ class NativePath:
         the broker stops delivering (memory stays bounded).
         """
         raw = data.data if isinstance(data, AckableMessage) else data
-        if self._names is not None and not any(name in raw for name in self._names):
-            return False  # not a batch task's message: taskiq parses it
+        names = self._names
+        if names is not None:
+            for name in names:
+                if name in raw:
+                    break
+            else:
+                return False  # not a batch task's message: taskiq parses it
         try:
             message = self.broker.formatter.loads(message=raw)
             message.parse_labels()
@@ -408,19 +415,28 @@ class NativePath:
                 item.expiry.cancel()
                 item.expiry = None
             error = outcome.error
-            results.append(
-                (
-                    item,
-                    TaskiqResult(
-                        is_err=error is not None,
-                        log=None,
-                        return_value=None if error is not None else outcome.value,
-                        execution_time=round(now - item.started, 2),
-                        error=error,
-                        labels=item.message.labels,
-                    ),
+            execution_time = round(now - item.started, 2)
+            if error is None:
+                # What validation would build: nothing to convert without an
+                # error (taskiq's error validator is most of the cost).
+                result = TaskiqResult[Any].model_construct(
+                    is_err=False,
+                    log=None,
+                    return_value=outcome.value,
+                    execution_time=execution_time,
+                    labels=dict(item.message.labels),
+                    error=None,
                 )
-            )
+            else:
+                result = TaskiqResult(
+                    is_err=True,
+                    log=None,
+                    return_value=None,
+                    execution_time=execution_time,
+                    error=error,
+                    labels=item.message.labels,
+                )
+            results.append((item, result))
         everyone = [item for item, _ in results]
         try:
             failed = [(i, r) for i, r in results if r.error is not None]
@@ -590,22 +606,25 @@ def _overriding(
 def _name_filter(broker: AsyncBroker) -> tuple[bytes, ...] | None:
     """Byte strings one of which a batch task's message must contain.
 
-    Only for taskiq's JSON formatter, which writes each task name as it is
-    (for names without characters JSON escapes): a message without any of
-    them is not a batch task's and goes to taskiq unparsed. None: parse all.
+    Only for JSON messages (taskiq's JSON formatter, or its default formatter
+    with the JSON serializer), which hold each task name quoted as it is, for
+    names without characters JSON escapes: a message without any of them is
+    not a batch task's and goes to taskiq unparsed. None: parse every one.
     """
-    if type(broker.formatter) is not JSONFormatter:
+    formatter = broker.formatter
+    json_messages = type(formatter) is JSONFormatter or (
+        type(formatter) is ProxyFormatter and type(broker.serializer) is JSONSerializer
+    )
+    if not json_messages:
         return None
     names: list[bytes] = []
     for task in broker.get_all_tasks().values():
         if batch_task_of(task.original_func) is None:
             continue
         name = task.task_name
-        if (
-            not name.isascii()
-            or any(c in name for c in '"\\')
-            or not name.isprintable()
+        if not (name.isascii() and name.isprintable()) or any(
+            c in name for c in '"\\/'
         ):
             return None
-        names.append(f'"task_name":"{name}"'.encode())
+        names.append(f'"{name}"'.encode())
     return tuple(names)

@@ -135,9 +135,9 @@ class BatchReceiver(Receiver):
             )
         finally:
             logger.info("Stopping prefetching messages...")
-            reading.cancel()
             finishing.cancel()
             with anyio.CancelScope(shield=True):
+                await _stop(reading)
                 await asyncio.gather(reading, finishing, return_exceptions=True)
                 with contextlib.suppress(Exception):
                     await deliveries.aclose()
@@ -184,6 +184,18 @@ class BatchReceiver(Receiver):
             if grouped is not None:
                 message = AckableMessage.model_construct(data=message.data, ack=grouped)
         await super().callback(message, raise_err=raise_err)
+
+
+async def _stop(task: "asyncio.Task[None]") -> None:
+    """Cancel `task` until it ends.
+
+    A broker's ``listen()`` may swallow one cancellation (redis-py's read
+    timeout can absorb a cancel that arrives as it expires), and taskiq's
+    prefetcher would then wait forever; cancelling again ends it.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
 
 
 def _count(value: int | str, name: str) -> int:
