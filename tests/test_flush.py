@@ -175,7 +175,7 @@ async def test_a_new_startup_batches_by_size_and_timeout_again() -> None:
 
 
 def test_a_worker_whose_max_async_tasks_caps_a_batch_warns_naming_the_flag() -> None:
-    from batchtask._lifecycle import capped_batch_warning
+    from batchtask._checks import capped_batch_warning
 
     sizes = {"app:save": 500, "app:small": 50}
     warning = capped_batch_warning(sizes, ["worker", "app:broker"])
@@ -228,7 +228,7 @@ def test_a_batch_timeout_past_the_brokers_redelivery_time_warns() -> None:
     from taskiq_nats import PullBasedJetStreamBroker
     from taskiq_redis import ListQueueBroker, RedisStreamBroker
 
-    from batchtask._lifecycle import redelivery_warning
+    from batchtask._checks import redelivery_warning
 
     timeouts = {"app:save": 10.0, "app:quick": 0.5}
     stream = RedisStreamBroker("redis://127.0.0.1:6379", idle_timeout=5000)

@@ -18,13 +18,14 @@ from taskiq.receiver import Receiver
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
 from batchtask import BatchReceiver, batch_task, flush_all
+from batchtask._checks import receiver_cap_warning
 from batchtask._grouping import (
     Coalescer,
     GroupedAcks,
     GroupedResultBackend,
     _stream_ack_target,
 )
-from batchtask._lifecycle import buffered_items, receiver_cap_warning
+from batchtask._lifecycle import buffered_items
 from tests.conftest import require_server, within
 from tests.workers import (
     RECEIVER,
@@ -457,3 +458,41 @@ def test_the_start_up_warning_knows_what_the_receiver_lifts() -> None:
     assert broker not in _lifecycle._receiver_limits  # pyright: ignore[reportPrivateUsage]
     BatchReceiver(broker, max_async_tasks=0)
     assert _lifecycle._receiver_limits.get(broker) == 0  # pyright: ignore[reportPrivateUsage]
+
+
+async def test_a_stock_worker_groups_a_batchs_writes_and_names_the_receiver() -> None:
+    """Without --receiver: results in one pipeline, one XACK per batch, one note."""
+    require_broker("stream")
+    queue = new_queue()
+    client = redis.from_url(REDIS_URL)
+
+    async def commands() -> dict[str, int]:
+        stats = await client.info("commandstats")
+        return {
+            name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+            for name in ("xack", "set")
+        }
+
+    async with serving(
+        queue,
+        BATCHTASK_BROKER="stream",
+        BATCHTASK_BATCH_SIZE="50",
+        BATCHTASK_BATCH_TIMEOUT="60",
+    ) as (worker, app):
+        before = await commands()
+        tasks = await app.double.kiq_many(range(400), "t")
+        results = [await within(t.wait_result(timeout=60), 90) for t in tasks]
+        after = await commands()
+        pending = await client.xpending(queue, queue)
+        log = worker_log(worker)
+    await client.aclose()
+
+    xacks, sets = (after[name] - before[name] for name in ("xack", "set"))
+    print(f"stock worker, 400 items in batches of 50: {xacks} XACK, {sets} SET calls")
+    assert [r.return_value for r in results] == [2 * i for i in range(400)]
+    assert pending["pending"] == 0
+    assert log.count("--receiver batchtask:BatchReceiver for the batch-native") == 1
+    # A SET per result either way (pipelined when grouped); XACKs one per batch
+    # (taskiq acks one message per XACK): far fewer than 400.
+    assert sets >= 400
+    assert xacks <= 400 // 50 * 4, "acks grouped per batch, not one per message"

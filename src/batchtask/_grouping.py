@@ -21,10 +21,10 @@ each of them alone).
 
 import asyncio
 import copy
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from taskiq import AsyncBroker, AsyncResultBackend, TaskiqResult
+from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, TaskiqResult
 from taskiq.acks import AckController
 
 T = TypeVar("T")
@@ -381,3 +381,42 @@ async def ack_each(controllers: Sequence[AckController]) -> list[BaseException |
             if isinstance(reply, BaseException):
                 errors[index] = reply
     return errors
+
+
+def install_on_stock_worker(broker: AsyncBroker) -> None:
+    """Group a worker's result writes and acks without `BatchReceiver`.
+
+    Called when a worker with taskiq's own receiver starts: the items of a
+    batch finish in the same loop turn, so their results go in one pipeline
+    (`GroupedResultBackend`, where the backend is one it groups) and their
+    ``RedisStreamBroker`` acks in one ``XACK`` (the broker's ``listen`` is
+    wrapped to hand out grouped acks). Each message is still acked after its
+    own result is stored, as before.
+    """
+    backend = broker.result_backend
+    if not isinstance(backend, GroupedResultBackend):
+        grouped = GroupedResultBackend(backend)
+        if grouped.groups_writes:
+            broker.result_backend = grouped
+    acks = GroupedAcks.for_broker(broker)
+    if acks is None or "listen" in vars(broker):
+        return
+    listen = broker.listen
+
+    async def listen_with_grouped_acks() -> AsyncGenerator[
+        bytes | AckableMessage, None
+    ]:
+        deliveries = listen()
+        try:
+            async for message in deliveries:
+                if isinstance(message, AckableMessage):
+                    grouped_ack = acks.wrap(message.ack)
+                    if grouped_ack is not None:
+                        message = AckableMessage.model_construct(
+                            data=message.data, ack=grouped_ack
+                        )
+                yield message
+        finally:
+            await deliveries.aclose()
+
+    setattr(broker, "listen", listen_with_grouped_acks)  # noqa: B010

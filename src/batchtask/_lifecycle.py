@@ -10,8 +10,9 @@ message and listed here under that loop with the task's broker, so that:
   instead of after ``batch_timeout``. ``WORKER_SHUTDOWN`` drains whatever is
   left;
 - `flush_all` can run everything buffered right away, for tests;
-- a ``taskiq worker`` whose ``--max-async-tasks`` is below a batch size warns at
-  start, naming the flag (the worker counts buffered items as running tasks).
+- a worker's start runs the start-up checks (`batchtask._checks`) and, on a
+  worker without `BatchReceiver`, groups its batches' result writes
+  (`batchtask._grouping.install_on_stock_worker`).
 """
 
 import asyncio
@@ -26,8 +27,8 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
-from taskiq.cli.worker.args import WorkerArgs
 
+from batchtask import _checks, _grouping
 from batchtask._batcher import Batcher, Eagerness, FlushReason, Observer, RunBatch
 from batchtask._config import BatchConfig
 
@@ -76,18 +77,27 @@ _receiver_limits: "weakref.WeakKeyDictionary[AsyncBroker, int]" = (
     weakref.WeakKeyDictionary()
 )
 """Brokers served by a `BatchReceiver`: items it buffers without a slot (0: no cap)."""
+_native_brokers: "weakref.WeakSet[AsyncBroker]" = weakref.WeakSet()
+"""Brokers whose batch tasks take a `BatchReceiver`'s batch-native path."""
 
 
-def receiver_started(broker: AsyncBroker, max_buffered: int | None) -> None:
+def receiver_started(
+    broker: AsyncBroker, max_buffered: int | None, *, native: bool
+) -> None:
     """Note that a `BatchReceiver` serves `broker`.
 
     `max_buffered` is how many items it buffers without a slot, 0 if the
-    worker has no task limit at all, None if it cannot lift the cap.
+    worker has no task limit at all, None if it cannot lift the cap; `native`
+    whether batch tasks take its batch-native path.
     """
     if max_buffered is None:
         _receiver_limits.pop(broker, None)
     else:
         _receiver_limits[broker] = max_buffered
+    if native:
+        _native_brokers.add(broker)
+    else:
+        _native_brokers.discard(broker)
 
 
 def observe(broker: AsyncBroker, observer: Observer) -> None:
@@ -165,139 +175,18 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
         if not broker.is_worker_process:
             return
         tasks = _watched_brokers.get(broker, {})
-        sizes = {name: config.batch_size for name, config in tasks.items()}
-        timeouts = {name: config.batch_timeout for name, config in tasks.items()}
-        buffered = _receiver_limits.get(broker)
-        for warning in (
-            capped_batch_warning(sizes, sys.argv)
-            if buffered is None
-            else receiver_cap_warning(sizes, buffered),
-            prefetch_warning(broker, sizes),
-            redelivery_warning(broker, timeouts),
+        native = broker in _native_brokers
+        for warning in _checks.warnings(
+            broker, tasks, sys.argv, _receiver_limits.get(broker)
         ):
-            if warning:
-                logger.warning(warning)
+            logger.warning(warning)
+        if not native:
+            logger.info(_checks.STOCK_RECEIVER_NOTE)
+            _grouping.install_on_stock_worker(broker)
         if threading.current_thread() is threading.main_thread():
             _chain_shutdown_signals(asyncio.get_running_loop())
 
     return on_worker_startup
-
-
-def capped_batch_warning(sizes: dict[str, int], argv: list[str]) -> str | None:
-    """Say which batch sizes ``taskiq worker --max-async-tasks`` makes unreachable.
-
-    The worker counts every buffered item as a running task, so one worker
-    process never holds more than ``--max-async-tasks`` items at once.
-    """
-    if not argv or argv[0] != "worker":
-        return None  # not the taskiq worker command line
-    try:
-        limit = WorkerArgs.from_cli(argv[1:]).max_async_tasks
-    except (SystemExit, Exception):  # argparse exits on what it cannot parse
-        return None
-    capped = _capped(sizes, limit)
-    if capped is None:
-        return None
-    tasks, largest = capped
-    return (
-        f"batchtask: taskiq worker --max-async-tasks={limit} counts every buffered "
-        f"item, so these batches can never fill up on this worker and will wait "
-        f"batch_timeout each time: {tasks}. Fix: start the worker with "
-        f"--receiver batchtask:BatchReceiver (lifts the cap), or with "
-        f"--max-async-tasks {largest} or more (or lower batch_size)."
-    )
-
-
-def receiver_cap_warning(sizes: dict[str, int], max_buffered: int) -> str | None:
-    """Say which batch sizes exceed what a `BatchReceiver` buffers without a slot."""
-    capped = _capped(sizes, max_buffered)
-    if capped is None:
-        return None
-    tasks, largest = capped
-    return (
-        f"batchtask: BatchReceiver(max_buffered={max_buffered}) holds at most "
-        f"{max_buffered} buffered items per worker without a task slot, so these "
-        f"batches may not fill up: {tasks}. Fix: --receiver_arg "
-        f"max_buffered={largest} or more (or lower batch_size)."
-    )
-
-
-def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
-    """Say which batch sizes the broker's own prefetch limit makes unreachable.
-
-    taskiq-aio-pika's ``AioPikaBroker(qos=10)`` lets a worker hold at most
-    `qos` unacknowledged messages, and a buffered item is unacknowledged
-    until its batch ran.
-    """
-    qos = getattr(broker, "_qos", None)
-    if type(broker).__name__ != "AioPikaBroker" or not isinstance(qos, int):
-        return None
-    capped = _capped(sizes, qos)
-    if capped is None:
-        return None
-    tasks, largest = capped
-    return (
-        f"batchtask: AioPikaBroker(qos={qos}) lets this worker hold at most {qos} "
-        f"unacknowledged messages, so these batches can never fill up and will "
-        f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
-        f"qos={largest}) or more (or lower batch_size)."
-    )
-
-
-NATS_DEFAULT_ACK_WAIT = 30.0
-"""Seconds: a NATS JetStream consumer's ``ack_wait`` when none is configured."""
-
-
-def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str | None:
-    """Say which tasks buffer items longer than the broker waits for an ack.
-
-    A Redis stream (``idle_timeout``) or a NATS JetStream consumer
-    (``ack_wait``) hands a message that stays unacknowledged that long to
-    another consumer; a buffered item stays unacknowledged for up to
-    ``batch_timeout`` plus its call, so it would run twice.
-    """
-    window = _redelivery_window(broker)
-    if window is None:
-        return None
-    seconds, setting = window
-    late = {name: t for name, t in timeouts.items() if t >= seconds}
-    if not late:
-        return None
-    tasks = ", ".join(
-        f"{name} (batch_timeout={t:g})" for name, t in sorted(late.items())
-    )
-    return (
-        f"batchtask: {setting} redelivers a message left unacknowledged for "
-        f"{seconds:g} s, but these tasks may buffer an item that long before its "
-        f"call even starts, so items would run twice: {tasks}. Fix: raise it well "
-        f"above batch_timeout plus the longest call (or lower batch_timeout)."
-    )
-
-
-def _redelivery_window(broker: AsyncBroker) -> tuple[float, str] | None:
-    """(seconds, setting name) after which the broker redelivers, if known."""
-    kinds = {cls.__name__ for cls in type(broker).__mro__}
-    if "RedisStreamBroker" in kinds:
-        idle = getattr(broker, "idle_timeout", None)
-        if isinstance(idle, (int, float)) and not isinstance(idle, bool):
-            return idle / 1000, f"RedisStreamBroker(idle_timeout={idle:g})"
-    if kinds & {"PullBasedJetStreamBroker", "PushBasedJetStreamBroker"}:
-        config = getattr(broker, "consumer_config", None)
-        ack_wait = getattr(config, "ack_wait", None) or NATS_DEFAULT_ACK_WAIT
-        if isinstance(ack_wait, (int, float)):
-            return float(ack_wait), f"the NATS consumer's ack_wait={ack_wait:g}"
-    return None
-
-
-def _capped(sizes: dict[str, int], limit: int) -> tuple[str, int] | None:
-    """The tasks whose batch size exceeds a positive `limit`, and the largest."""
-    capped = {name: size for name, size in sizes.items() if 0 < limit < size}
-    if not capped:
-        return None
-    tasks = ", ".join(
-        f"{name} (batch_size={size})" for name, size in sorted(capped.items())
-    )
-    return tasks, max(capped.values())
 
 
 def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:

@@ -91,7 +91,7 @@ class BatchReceiver(Receiver):
         limit: int | None = None  # the stock cap stays: its warning applies
         if self.native is not None and (self.sem is None or self.max_buffered):
             limit = 0 if self.sem is None else self.max_buffered
-        _lifecycle.receiver_started(broker, limit)
+        _lifecycle.receiver_started(broker, limit, native=self.native is not None)
 
     @property
     def buffered(self) -> int:
