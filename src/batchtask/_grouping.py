@@ -11,6 +11,8 @@ These helpers collect what arrives in one loop turn and send it together:
   every other method, is called as before.
 - `GroupedAcks` acks taskiq-redis ``RedisStreamBroker`` messages of one loop
   turn with one ``XACK`` per stream.
+- `AmqpAcks` acks a batch of taskiq-aio-pika deliveries with one
+  ``basic.ack(multiple=True)`` where that covers no unfinished delivery.
 
 Each caller still waits for its own write and gets its own outcome: a result
 is stored, and a message acked, before the call returns, exactly as with one
@@ -420,3 +422,122 @@ def install_on_stock_worker(broker: AsyncBroker) -> None:
             await deliveries.aclose()
 
     setattr(broker, "listen", listen_with_grouped_acks)  # noqa: B010
+
+
+class AmqpAcks:
+    """Acks taskiq-aio-pika deliveries of a batch with ``multiple=True``.
+
+    Every delivery of the worker is noted (`delivered`) in order, per channel.
+    Acking a batch acks, with one ``basic.ack(multiple=True)``, the longest
+    run of its deliveries that starts at the channel's oldest unacked one:
+    that covers no delivery still unfinished. The batch's other deliveries
+    (an older one is still unfinished) are acked one by one, so no ack waits.
+    Acks of one channel are sent in the order they were planned, so a
+    ``multiple`` ack never covers a tag that is also acked alone.
+    """
+
+    def __init__(self) -> None:
+        """Track no delivery yet."""
+        self._channels: dict[int, _Channel] = {}
+        self.round_trips = 0
+        """``basic.ack`` frames sent so far (for tests and benchmarks)."""
+
+    @classmethod
+    def for_broker(cls, broker: AsyncBroker) -> "AmqpAcks | None":
+        """Grouped acks for a taskiq-aio-pika ``AioPikaBroker``, else None."""
+        if not any(k.__name__ == "AioPikaBroker" for k in type(broker).__mro__):
+            return None
+        return cls()
+
+    def delivered(self, ack: RawAck | None) -> bool:
+        """Note one delivery, by its ack; False if it is not aio-pika's."""
+        target = _amqp_target(ack)
+        if target is None:
+            return False
+        channel, tag = target
+        state = self._channels.get(id(channel))
+        if state is None or state.channel is not channel:
+            state = self._channels[id(channel)] = _Channel(channel)
+        state.unacked[tag] = None
+        return True
+
+    def wrap(self, ack: RawAck) -> Callable[[], Awaitable[None]]:
+        """One delivery's ack, sent through this tracker (for taskiq's own path)."""
+        controller = AckController(ack)
+
+        async def tracked_ack() -> None:
+            (error,) = await self.ack_many([(controller, ack)])
+            if error is not None:
+                raise error
+
+        return tracked_ack
+
+    async def ack_many(
+        self, acks: Sequence[tuple[AckController, RawAck | None]]
+    ) -> list[BaseException | None]:
+        """Ack the deliveries not acked yet; return each one's error, or None."""
+        errors: list[BaseException | None] = [None] * len(acks)
+        by_channel: dict[int, list[tuple[int, int]]] = {}
+        alone: list[int] = []
+        for index, (controller, raw) in enumerate(acks):
+            if controller.is_acked:
+                continue
+            target = _amqp_target(raw)
+            state = None if target is None else self._channels.get(id(target[0]))
+            if target is None or state is None or target[1] not in state.unacked:
+                alone.append(index)
+            else:
+                by_channel.setdefault(id(target[0]), []).append((index, target[1]))
+        for key, members in by_channel.items():
+            state = self._channels[key]
+            tags = {tag for _, tag in members}
+            covered: list[int] = []
+            for tag in state.unacked:
+                if tag not in tags:
+                    break
+                covered.append(tag)
+            for tag in tags:
+                del state.unacked[tag]
+            single = sorted(tags.difference(covered))
+            try:
+                async with state.lock:
+                    if covered:
+                        self.round_trips += 1
+                        await state.channel.basic_ack(covered[-1], multiple=True)
+                    for tag in single:
+                        self.round_trips += 1
+                        await state.channel.basic_ack(tag)
+            except Exception as exc:
+                for index, _ in members:
+                    errors[index] = copy.copy(exc)
+                continue
+            for index, _ in members:
+                acks[index][0].is_acked = True
+        for index, error in zip(
+            alone, await ack_each([acks[i][0] for i in alone]), strict=True
+        ):
+            errors[index] = error
+        return errors
+
+
+class _Channel:
+    """One AMQP channel's deliveries not acked yet, oldest first."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.unacked: dict[int, None] = {}
+        self.lock = asyncio.Lock()
+
+
+def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
+    """(aiormq channel, delivery tag) of an aio-pika message's ``ack``, or None."""
+    message = getattr(ack, "__self__", None)
+    if message is None or type(message).__module__ != "aio_pika.message":
+        return None
+    if getattr(ack, "__name__", None) != "ack":
+        return None
+    tag = getattr(message, "delivery_tag", None)
+    channel = getattr(message, "channel", None)
+    if not isinstance(tag, int) or channel is None:
+        return None
+    return channel, tag

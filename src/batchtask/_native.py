@@ -55,7 +55,7 @@ from taskiq.serializers import JSONSerializer
 from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
-from batchtask._grouping import GroupedAcks, RawAck, ack_each, store_many
+from batchtask._grouping import AmqpAcks, GroupedAcks, RawAck, ack_each, store_many
 from batchtask._outcomes import Outcome
 from batchtask._task import BatchTask, batch_task_of
 
@@ -94,13 +94,17 @@ class NativePath:
     """Batch tasks' messages of one `BatchReceiver`, handled as batches."""
 
     def __init__(
-        self, receiver: "Receiver", *, max_buffered: int, acks: GroupedAcks | None
+        self,
+        receiver: "Receiver",
+        *,
+        max_buffered: int,
+        acks: GroupedAcks | AmqpAcks | None,
     ) -> None:
         """Serve `receiver`'s broker; up to `max_buffered` items wait slot-free.
 
         A batch's acks go through `acks` where given (one ``XACK`` on a Redis
-        stream); its results go together wherever the broker's result backend
-        is a `GroupedResultBackend`.
+        stream, ``multiple=True`` on AMQP); its results go together wherever
+        the broker's result backend is a `GroupedResultBackend`.
         """
         self.receiver = receiver
         self.broker: AsyncBroker = receiver.broker

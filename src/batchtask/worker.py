@@ -37,7 +37,7 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq.receiver import Receiver
 
 from batchtask import _compat, _lifecycle
-from batchtask._grouping import GroupedAcks, GroupedResultBackend
+from batchtask._grouping import AmqpAcks, GroupedAcks, GroupedResultBackend
 from batchtask._native import NativePath
 
 logger = logging.getLogger("batchtask")
@@ -71,6 +71,7 @@ class BatchReceiver(Receiver):
         self.max_buffered = _count(max_buffered, "max_buffered")
         self.group_writes = _flag(group_writes, "group_writes")
         self._acks = GroupedAcks.for_broker(broker) if self.group_writes else None
+        self._amqp = AmqpAcks.for_broker(broker) if self.group_writes else None
         changed = _compat.receiver_changes(self)
         self.native: NativePath | None = None
         """The batch-native path; None where taskiq's receiver changed."""
@@ -86,7 +87,7 @@ class BatchReceiver(Receiver):
             self.native = NativePath(
                 self,
                 max_buffered=1 << 62 if unbounded else self.max_buffered,
-                acks=self._acks,
+                acks=self._acks or self._amqp,
             )
         limit: int | None = None  # the stock cap stays: its warning applies
         if self.native is not None and (self.sem is None or self.max_buffered):
@@ -159,6 +160,7 @@ class BatchReceiver(Receiver):
         assert native is not None
         slots = self.sem_prefetch
         limit = self.max_tasks_to_execute
+        amqp = self._amqp
         fetched = 0
         while not limit or fetched < limit:
             await slots.acquire()
@@ -171,7 +173,20 @@ class BatchReceiver(Receiver):
                 slots.release()
                 raise
             fetched += 1
+            tracked = (
+                amqp
+                if amqp is not None
+                and isinstance(data, AckableMessage)
+                and amqp.delivered(data.ack)
+                else None
+            )
             if not native.take(data, owns_delivery_slot=True):
+                if tracked is not None and isinstance(data, AckableMessage):
+                    # taskiq's path acks it through the tracker too, so that a
+                    # batch's multiple=True ack never covers it unfinished.
+                    data = AckableMessage.model_construct(
+                        data=data.data, ack=tracked.wrap(data.ack)
+                    )
                 queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
         logger.info("Max number of tasks executed.")
 

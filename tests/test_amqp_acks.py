@@ -1,0 +1,139 @@
+"""AMQP acks of a batch: one ``basic.ack(multiple=True)``, never over unfinished."""
+
+import asyncio
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+from taskiq.acks import AckController
+from taskiq_aio_pika import AioPikaBroker, Exchange, Queue
+from taskiq_redis import RedisAsyncResultBackend
+
+from batchtask import BatchReceiver, batch_task
+from batchtask._grouping import AmqpAcks
+from tests.conftest import require_server, within
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.frames.append((delivery_tag, multiple))
+
+
+class FakeMessage:
+    """Looks like an aio-pika delivery to the tracker."""
+
+    def __init__(self, channel: FakeChannel, tag: int) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+
+    async def ack(self) -> None:
+        await self.channel.basic_ack(self.delivery_tag)
+
+
+FakeMessage.__module__ = "aio_pika.message"
+
+
+async def test_a_batch_is_acked_with_one_frame_unless_an_older_delivery_is_open() -> (
+    None
+):
+    channel = FakeChannel()
+    acks = AmqpAcks()
+    messages = [FakeMessage(channel, tag) for tag in range(1, 11)]
+    assert all(acks.delivered(m.ack) for m in messages)
+
+    def pairs(tags: list[int]) -> list[tuple[AckController, Any]]:
+        return [(AckController(messages[t - 1].ack), messages[t - 1].ack) for t in tags]
+
+    first = pairs([1, 2, 3])
+    assert await acks.ack_many(first) == [None, None, None]
+    assert channel.frames == [(3, True)]
+    assert all(controller.is_acked for controller, _ in first)
+
+    # 4 is unfinished: 5 and 6 are acked alone, not covered by a multiple ack.
+    await acks.ack_many(pairs([6, 5]))
+    assert channel.frames[1:] == [(5, False), (6, False)]
+    # 4 finishes: a multiple ack up to 4 covers nothing already acked.
+    await acks.ack_many(pairs([4]))
+    assert channel.frames[3:] == [(4, True)]
+    # 7..10: one frame.
+    await acks.ack_many(pairs([8, 7, 10, 9]))
+    assert channel.frames[4:] == [(10, True)]
+    # Already acked: nothing more is sent.
+    done = pairs([10])
+    done[0][0].is_acked = True
+    await acks.ack_many(done)
+    assert len(channel.frames) == 5
+
+
+@pytest.mark.parametrize("slow_key", [False, True], ids=["one key", "a slow key"])
+async def test_a_rabbitmq_worker_acks_batches_in_few_frames_and_leaves_nothing(
+    slow_key: bool,
+) -> None:
+    """A slow key keeps old deliveries open: later ones are then acked alone."""
+    require_server("RabbitMQ", 5672)
+    require_server("Redis", 6379)
+    name = f"batchtask-test-{uuid.uuid4().hex[:8]}"
+    broker = AioPikaBroker(
+        AMQP_URL, qos=1000, exchange=Exchange(name=name), task_queues=[Queue(name=name)]
+    ).with_result_backend(
+        RedisAsyncResultBackend[Any](
+            "redis://127.0.0.1:6379", result_ex_time=300, prefix_str=name
+        )
+    )
+    calls: list[int] = []
+
+    @batch_task(broker, batch_size=100, batch_timeout=0.2, results="per_item")
+    async def double(items: list[int], key: str) -> list[int]:
+        calls.append(len(items))
+        return [2 * item for item in items]
+
+    @broker.task(task_name=f"{name}:plain")
+    async def plain(value: int) -> int:
+        return value + 1
+
+    broker.is_worker_process = True  # it opens its consuming channel then
+    await broker.startup()
+    try:
+        tasks = []
+        for i in range(1000):
+            # A second key that fills slowly keeps older deliveries unfinished.
+            key = "slow" if slow_key and i % 97 == 0 else "fast"
+            tasks.append(await double.kiq(i, key))
+            if i % 50 == 0:
+                tasks.append(await plain.kiq(i))
+        receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
+        finish = asyncio.Event()
+        listener = asyncio.create_task(receiver.listen(finish))
+        results = [await within(t.wait_result(timeout=30), 60) for t in tasks]
+        finish.set()
+        await within(listener, 60)
+        amqp = receiver._amqp  # pyright: ignore[reportPrivateUsage]
+        assert amqp is not None
+        frames = amqp.round_trips
+    finally:
+        await broker.shutdown()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        left = queue.declaration_result.message_count
+        await channel.queue_delete(name)
+        await channel.exchange_delete(name)
+
+    print(
+        f"rabbitmq ({'a slow key' if slow_key else 'one key'}): {len(tasks)} "
+        f"deliveries, {frames} basic.ack frames, {left} left"
+    )
+    expected = [2 * i for i in range(1000)]
+    assert [r.return_value for r in results if r.return_value % 2 == 0] == expected
+    assert not any(r.is_err for r in results)
+    assert sum(calls) == 1000
+    assert left == 0, "every delivery acked"
+    if not slow_key:
+        assert frames < len(tasks) // 4, "batches acked in few frames"
