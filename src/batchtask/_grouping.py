@@ -13,6 +13,9 @@ These helpers collect what arrives in one loop turn and send it together:
   turn with one ``XACK`` per stream.
 - `AmqpAcks` acks a batch of taskiq-aio-pika deliveries with one
   ``basic.ack(multiple=True)`` where that covers no unfinished delivery.
+- `BufferedAcks` acks a batch of taskiq-nats deliveries one after another in
+  one task: each ack only adds to the client's outgoing buffer, which is
+  flushed once after them (one write, no round trip each).
 
 Each caller still waits for its own write and gets its own outcome: a result
 is stored, and a message acked, before the call returns, exactly as with one
@@ -541,3 +544,27 @@ def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
     if not isinstance(tag, int) or channel is None:
         return None
     return channel, tag
+
+
+class BufferedAcks:
+    """Acks one after another, for brokers whose ack only buffers a frame."""
+
+    @classmethod
+    def for_broker(cls, broker: AsyncBroker) -> "BufferedAcks | None":
+        """For taskiq-nats's JetStream brokers, else None."""
+        kinds = {k.__name__ for k in type(broker).__mro__}
+        if kinds & {"PullBasedJetStreamBroker", "PushBasedJetStreamBroker"}:
+            return cls()
+        return None
+
+    async def ack_many(
+        self, acks: Sequence[tuple[AckController, RawAck | None]]
+    ) -> list[BaseException | None]:
+        """Ack the messages not acked yet, in order; return each one's error."""
+        errors: list[BaseException | None] = [None] * len(acks)
+        for index, (controller, _) in enumerate(acks):
+            try:
+                await controller.ack()
+            except Exception as exc:
+                errors[index] = exc
+        return errors

@@ -55,7 +55,14 @@ from taskiq.serializers import JSONSerializer
 from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
-from batchtask._grouping import AmqpAcks, GroupedAcks, RawAck, ack_each, store_many
+from batchtask._grouping import (
+    AmqpAcks,
+    BufferedAcks,
+    GroupedAcks,
+    RawAck,
+    ack_each,
+    store_many,
+)
 from batchtask._outcomes import Outcome
 from batchtask._task import BatchTask, batch_task_of
 
@@ -98,13 +105,14 @@ class NativePath:
         receiver: "Receiver",
         *,
         max_buffered: int,
-        acks: GroupedAcks | AmqpAcks | None,
+        acks: GroupedAcks | AmqpAcks | BufferedAcks | None,
     ) -> None:
         """Serve `receiver`'s broker; up to `max_buffered` items wait slot-free.
 
         A batch's acks go through `acks` where given (one ``XACK`` on a Redis
-        stream, ``multiple=True`` on AMQP); its results go together wherever
-        the broker's result backend is a `GroupedResultBackend`.
+        stream, ``multiple=True`` on AMQP, one buffer flush on NATS); its
+        results go together wherever the broker's result backend is a
+        `GroupedResultBackend`.
         """
         self.receiver = receiver
         self.broker: AsyncBroker = receiver.broker

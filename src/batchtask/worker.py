@@ -37,7 +37,12 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq.receiver import Receiver
 
 from batchtask import _compat, _lifecycle
-from batchtask._grouping import AmqpAcks, GroupedAcks, GroupedResultBackend
+from batchtask._grouping import (
+    AmqpAcks,
+    BufferedAcks,
+    GroupedAcks,
+    GroupedResultBackend,
+)
 from batchtask._native import NativePath
 
 logger = logging.getLogger("batchtask")
@@ -87,7 +92,9 @@ class BatchReceiver(Receiver):
             self.native = NativePath(
                 self,
                 max_buffered=1 << 62 if unbounded else self.max_buffered,
-                acks=self._acks or self._amqp,
+                acks=self._acks
+                or self._amqp
+                or (BufferedAcks.for_broker(broker) if self.group_writes else None),
             )
         limit: int | None = None  # the stock cap stays: its warning applies
         if self.native is not None and (self.sem is None or self.max_buffered):
