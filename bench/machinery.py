@@ -9,16 +9,22 @@ stored result grows the heap. Three measurements, interleaved per round:
 
 - ``taskiq``: a plain no-op ``@broker.task`` through the receiver: taskiq's
   own cost per message (parse, middlewares, run, result, done);
-- ``batched``: a no-op batch task (batch_size 100) through the same receiver;
+- ``batched``: a no-op batch task (batch_size 100) through the same receiver
+  (batchtask's entry point: a task per message, as on a stock worker);
+- ``native``: the same messages through `BatchReceiver`'s batch-native path
+  (``--receiver batchtask:BatchReceiver``): each delivery taken as it is
+  read, the batch's results and outcomes per batch;
 - ``entry`` vs ``coroutine``: batchtask's entry point called directly in
   a task per item (validate, key, buffer, one call per batch, fan-out of the
   outcome), against a no-op coroutine in a task per item. Their difference
   is batchtask's machinery alone, per item.
 
-Prints medians (and spread) in µs per item and two ratios to taskiq's cost:
-the machinery alone, and batched minus taskiq through the receiver (which
-also counts what waiting costs taskiq's own per-message objects: one more
-task step, and garbage collection of the objects a waiting item keeps).
+Prints medians (and spread) in µs per item and ratios to taskiq's cost: the
+machinery alone, batched minus taskiq through the receiver (which also counts
+what waiting costs taskiq's own per-message objects: one more task step, and
+garbage collection of the objects a waiting item keeps), and native minus
+taskiq: what a batched item adds over a plain message, on the native path
+(negative: it costs less than taskiq's own message).
 """
 
 import argparse
@@ -35,7 +41,7 @@ from taskiq.message import TaskiqMessage
 from taskiq.receiver import Receiver
 from taskiq.result_backends.dummy import DummyResultBackend
 
-from batchtask import batch_task
+from batchtask import BatchReceiver, batch_task
 
 CHUNK = 500
 
@@ -81,6 +87,18 @@ async def through_receiver(receiver: Receiver, messages: list[bytes]) -> float:
     return (time.perf_counter() - started) / len(messages) * 1e6
 
 
+async def through_native(receiver: BatchReceiver, messages: list[bytes]) -> float:
+    """µs per message taken by the batch-native path, CHUNK at a time."""
+    native = receiver.native
+    assert native is not None
+    started = time.perf_counter()
+    for first in range(0, len(messages), CHUNK):
+        for message in messages[first : first + CHUNK]:
+            native.take(message, owns_delivery_slot=False)
+        await native.wait_idle()
+    return (time.perf_counter() - started) / len(messages) * 1e6
+
+
 async def direct(call: Callable[[int], Awaitable[Any]], items: int) -> float:
     """µs per item calling `call` in a task per item, CHUNK at a time."""
     started = time.perf_counter()
@@ -100,6 +118,9 @@ async def main() -> None:
 
     await broker.startup()
     receiver = Receiver(broker, max_async_tasks=100)
+    batch_receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
+    assert batch_receiver.native is not None
+    batch_receiver.native.start()
     entry = broker.find_task("bench:batched")
     assert entry is not None
     entry_point = entry.original_func
@@ -108,6 +129,7 @@ async def main() -> None:
     ways: dict[str, Callable[[], Awaitable[float]]] = {
         "taskiq": lambda: through_receiver(receiver, plain_messages),
         "batched": lambda: through_receiver(receiver, batched_messages),
+        "native": lambda: through_native(batch_receiver, batched_messages),
         "coroutine": lambda: direct(no_op, items),
         "entry": lambda: direct(entry_point, items),
     }
@@ -123,10 +145,12 @@ async def main() -> None:
     median = {name: statistics.median(values) for name, values in runs.items()}
     machinery = median["entry"] - median["coroutine"]
     waiting = median["batched"] - median["taskiq"]
+    native = median["native"] - median["taskiq"]
     print(f"{items} items x {args.rounds} interleaved rounds, µs per item (median)")
     labels = {
         "taskiq": "taskiq no-op task through the receiver",
         "batched": "batched no-op through the receiver",
+        "native": "batched no-op, BatchReceiver's native path",
         "coroutine": "a no-op coroutine in a task",
         "entry": "batchtask's entry point in a task",
     }
@@ -143,6 +167,10 @@ async def main() -> None:
         f"  through the receiver (batched - taskiq): {waiting:.1f} µs/item = "
         f"{waiting / median['taskiq']:.2f}x taskiq's per-message cost"
     )
+    print(
+        f"  native path (native - taskiq): {native:.1f} µs/item = "
+        f"{native / median['taskiq']:.2f}x taskiq's per-message cost"
+    )
     if args.json is not None:
         report = {
             "items": items,
@@ -153,6 +181,8 @@ async def main() -> None:
             "machinery_ratio": machinery / median["taskiq"],
             "receiver_delta_us": waiting,
             "receiver_delta_ratio": waiting / median["taskiq"],
+            "native_delta_us": native,
+            "native_delta_ratio": native / median["taskiq"],
         }
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

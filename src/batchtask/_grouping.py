@@ -31,6 +31,8 @@ from typing import Any, Generic, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, TaskiqResult
 from taskiq.acks import AckController
+from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+from taskiq.result_backends.dummy import DummyResultBackend
 
 T = TypeVar("T")
 
@@ -182,18 +184,30 @@ async def store_many(
             return list(await backend.write(list(requests)))
         except Exception as exc:
             return [copy.copy(exc) for _ in requests]
-    if len(requests) == 1:
-        task_id, result = requests[0]
-        try:
-            await backend.set_result(task_id, result)
-        except Exception as exc:
-            return [exc]
-        return [None]
+    inner = backend.inner if isinstance(backend, GroupedResultBackend) else backend
+    if len(requests) == 1 or type(inner) in _IN_PROCESS_BACKENDS:
+        # No I/O to overlap: one after another, without a task each.
+        errors: list[BaseException | None] = []
+        for task_id, result in requests:
+            try:
+                await backend.set_result(task_id, result)
+            except Exception as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
     replies = await asyncio.gather(
         *(backend.set_result(task_id, result) for task_id, result in requests),
         return_exceptions=True,
     )
     return [reply if isinstance(reply, BaseException) else None for reply in replies]
+
+
+_IN_PROCESS_BACKENDS: tuple[type[AsyncResultBackend[Any]], ...] = (
+    DummyResultBackend,
+    InmemoryResultBackend,
+)
+"""taskiq's result backends that store in the process (no I/O)."""
 
 
 def _redis_result_writer(

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchtask")
 
 Finished = list[tuple["NativeItem", TaskiqResult[Any]]]
+_Result = TaskiqResult[Any]
+"""Subscripted once: pydantic looks the generic up on every subscript."""
 
 
 @dataclass(eq=False, slots=True)
@@ -431,7 +433,7 @@ class NativePath:
             if error is None:
                 # What validation would build: nothing to convert without an
                 # error (taskiq's error validator is most of the cost).
-                result = TaskiqResult[Any].model_construct(
+                result = _Result.model_construct(
                     is_err=False,
                     log=None,
                     return_value=outcome.value,
@@ -540,6 +542,14 @@ class NativePath:
         """Run every buffered batch now: no more messages will arrive."""
         for batcher in self._batchers.values():
             batcher.close()
+
+    async def wait_idle(self) -> None:
+        """Wait until no taken message is still arriving or in a running batch."""
+        while self._intakes or any(b.running for b in self._batchers.values()):
+            if self._intakes:
+                await asyncio.wait(set(self._intakes))
+            for batcher in self._batchers.values():
+                await batcher.wait_idle()
 
     async def drain(self) -> None:
         """Wait until every taken message has ended."""
