@@ -29,6 +29,8 @@ def test_readme_programs_run(program: str) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    if "ctx.messages[i]" in program:
+        assert done.stdout.splitlines() == ["['a@web', 'b@cli', 'c@web']"]
     if "shout" in program:
         assert done.stdout.splitlines() == [
             "writing 100 rows to events (upsert=False)",
