@@ -496,3 +496,44 @@ async def test_each_message_sees_the_same_on_both_paths(scenario: Scenario) -> N
             f"{scenario.name}: message {task_id}\n"
             f"  taskiq:    {stock.get(task_id)}\n  batch-native: {native.get(task_id)}"
         )
+
+
+async def test_the_native_path_resolves_dependencies_once_per_call() -> None:
+    """The one difference on purpose: a dependency per call, not per message."""
+    log: Log = {}
+    broker = AckingBroker(log)
+    broker.with_result_backend(RecordingBackend(log))
+    opened: list[int] = []
+    closed: list[str | None] = []
+
+    async def session() -> AsyncGenerator[int, None]:
+        opened.append(len(opened))
+        try:
+            yield len(opened)
+        except Exception as exc:
+            closed.append(type(exc).__name__)
+            raise
+        else:
+            closed.append(None)
+
+    @batch_task(broker, batch_size=5, batch_timeout=0.05, results="per_item")
+    async def use(
+        items: list[int], db: Annotated[int, TaskiqDepends(session)]
+    ) -> list[int]:
+        if 13 in items:
+            raise ValueError("13")
+        return [db] * len(items)
+
+    await broker.startup()
+    tasks = [await use.kiq(i) for i in [*range(10), 13]]
+    receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
+    finish = asyncio.Event()
+    listener = asyncio.create_task(receiver.listen(finish))
+    results = [await within(t.wait_result(timeout=10), 20) for t in tasks]
+    finish.set()
+    await within(listener, 20)
+
+    assert len(opened) == 3, "one session per call of 5, 5 and 1 items"
+    assert sorted(closed, key=str) == [None, None, "ValueError"]
+    assert [r.return_value for r in results[:5]] == [results[0].return_value] * 5
+    assert results[-1].is_err

@@ -315,7 +315,25 @@ class NativePath:
     async def run(
         self, task: BatchTask[Any, ..., ..., Any, Any], batch: Batch[NativeItem, Any]
     ) -> None:
-        """Call the function once for `batch`, then finish every message."""
+        """Call the function once for `batch`, then finish every message.
+
+        However the run ends, every message it did not finish ends here
+        without a result or an ack (the broker redelivers it), and every
+        entry's future is resolved: nothing waits on them, nothing leaks.
+        """
+        try:
+            await self._run(task, batch)
+        finally:
+            for entry in batch.entries:
+                if entry.future.done():
+                    continue  # its time ran out: it ends on its own
+                entry.future.set_result(None)
+                if not entry.value.done:
+                    self._release(entry.value)
+
+    async def _run(
+        self, task: BatchTask[Any, ..., ..., Any, Any], batch: Batch[NativeItem, Any]
+    ) -> None:
         live = [entry for entry in batch.entries if not entry.future.done()]
         received = {e.value.received for e in live if e.value.received is not None}
         if received:
@@ -347,7 +365,6 @@ class NativePath:
         )
         outcomes: list[Outcome]
         resolver = None
-        error: BaseException | None = None
         try:
             injected: dict[str, Any] = {}
             if task.signature.injected:
@@ -366,39 +383,41 @@ class NativePath:
             outcomes = await task.outcomes([item.bound.item for item in items], leader)
         except Exception as exc:  # resolving a dependency failed: every item fails
             outcomes = [Outcome(exc)] * len(items)
+        except BaseException:  # cancelled: every item's time ran out
+            if resolver is not None:
+                await asyncio.shield(resolver.close(None, None, None))
+            raise
         outcomes = [
             Outcome(override) if (override := context.override(index)) else outcome
             for index, outcome in enumerate(outcomes)
         ]
         failed = [outcome.error for outcome in outcomes if outcome.error is not None]
-        if failed:
-            error = failed[0]
-            if not isinstance(error, NoResultError):
-                logger.error(
-                    "batch task %s: %d of %d item(s) failed",
-                    task.task_name,
-                    len(failed),
-                    len(items),
-                    exc_info=error,
-                )
         if resolver is not None:
-            propagate = error is not None and self.receiver.propagate_exceptions
-            if propagate and error is not None:
-                await resolver.close(type(error), error, error.__traceback__)
-            else:
+            # Generator dependencies see the call's first error, as taskiq
+            # passes a task's error to them.
+            error = failed[0] if failed and self.receiver.propagate_exceptions else None
+            if error is None:
                 await resolver.close(None, None, None)
-        pairs = [
-            (entry.value, outcome)
-            for entry, outcome in zip(live, outcomes, strict=True)
-            if not entry.future.done()  # else its time ran out meanwhile
-        ]
+            else:
+                await resolver.close(type(error), error, error.__traceback__)
+        if failed and not isinstance(failed[0], NoResultError):
+            logger.error(
+                "batch task %s: %d of %d item(s) failed",
+                task.task_name,
+                len(failed),
+                len(items),
+                exc_info=failed[0],
+            )
         observer = _lifecycle.observer_of(broker)
         if observer is not None and failed:
             observer.failed(task.task_name, len(failed))
-        await self.finish(pairs)
-        for entry in live:
-            if not entry.future.done():
-                entry.future.set_result(None)
+        await self.finish(
+            [
+                (entry.value, outcome)
+                for entry, outcome in zip(live, outcomes, strict=True)
+                if not entry.future.done()  # else its time ran out meanwhile
+            ]
+        )
 
     # -- results and acks ------------------------------------------------
 
