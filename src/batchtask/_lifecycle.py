@@ -56,6 +56,10 @@ class _LoopBatchers:
         default_factory=lambda: weakref.WeakSet[AsyncBroker]()
     )
     """Brokers whose worker is shutting down on this loop."""
+    callers: "weakref.WeakSet[asyncio.Task[Any]]" = field(
+        default_factory=lambda: weakref.WeakSet[asyncio.Task[Any]]()
+    )
+    """Tasks running an entry point (taskiq's message tasks) on this loop."""
 
     def of(self, broker: AsyncBroker | None = None) -> list[Batcher[Any, Any]]:
         return [b for owner, b in self.members if broker is None or owner is broker]
@@ -147,6 +151,13 @@ def new_batcher(
     return batcher
 
 
+def note_caller() -> None:
+    """Note the running task as one that runs an entry point (see shutdown)."""
+    task = asyncio.current_task()
+    if task is not None:
+        _here().callers.add(task)
+
+
 def close_all(loop: asyncio.AbstractEventLoop) -> None:
     """Flush every buffer on `loop` now and stop waiting for timers there."""
     here = _here(loop)
@@ -189,12 +200,23 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
     return on_worker_startup
 
 
+SHUTDOWN_WAIT = 30.0
+"""Seconds a worker's shutdown waits for message tasks whose batch ran."""
+
+
 def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
     async def on_worker_shutdown(_: TaskiqState) -> None:
         here = _here()
         here.closed.add(broker)
         for batcher in here.of(broker):
             await batcher.drain()
+        # A receiver that stopped on an error left its message tasks behind:
+        # let those whose batch just ran store their results and ack before
+        # the broker and its result backend close (bounded).
+        current = asyncio.current_task()
+        waiting = {task for task in here.callers if not task.done()} - {current}
+        if waiting:
+            await asyncio.wait(waiting, timeout=SHUTDOWN_WAIT)
 
     return on_worker_shutdown
 

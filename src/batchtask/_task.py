@@ -258,6 +258,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         """The per-message function taskiq registers and its receiver calls."""
         bind = self.signature.bind
         batcher_here = self._batcher
+        note_caller = _lifecycle.note_caller
 
         async def entry(*args: Any, **kwargs: Any) -> Any:
             # One message in, that item's outcome out (kept to one coroutine:
@@ -265,6 +266,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             bound = bind(args, kwargs)
             batcher, in_place = batcher_here()
             item = batcher.submit(bound.key, bound, flush_now=in_place)
+            note_caller()
             try:
                 return await item.future
             except asyncio.CancelledError:

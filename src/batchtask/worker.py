@@ -153,10 +153,18 @@ class BatchReceiver(Receiver):
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
                 queue.put_nowait(_compat.END_OF_DELIVERIES)
-        if not reading.cancelled():
-            error = reading.exception()
-            if error is not None:
-                raise error  # the broker's listen() failed: as taskiq's prefetcher
+        if reading.cancelled():
+            return
+        error = reading.exception()
+        if error is None:
+            return
+        if finishing.done() and not finishing.cancelled():
+            # Stopped on purpose: a listen() that turns its cancellation into
+            # an error (nats-py raises TimeoutError from a cancelled fetch) is
+            # not a failure of the broker.
+            logger.info("batchtask: the broker's listen() ended with %r", error)
+            return
+        raise error  # the broker's listen() failed: as taskiq's prefetcher
 
     async def _read(
         self,
