@@ -29,15 +29,18 @@ Modes (one task registered per worker, the same for producer and worker):
   INSERTs one row per item, batched writes a batch with one COPY
   (``copy_records_to_table``) or one ``executemany`` INSERT. Each run gets its
   own table, counted (rows and distinct ids must equal N) and dropped after;
-- not run unless named in ``--modes``: ``batched_defaults``, ``batched`` under
-  the worker's default flags (``--max-async-tasks 100``), and
-  ``plain_async500``, ``plain`` with ``--max-async-tasks 500``; they separate
-  the flag's effect from batching's.
+- not run unless named in ``--modes`` (``bench/run.py`` names
+  ``batched_defaults`` for every broker): ``batched_defaults``, the batched
+  task (batch_size 100) on a worker started *without* ``--receiver`` and
+  with default flags (``--max-async-tasks 100``): what batching gives on a
+  stock worker; ``batched_stock``, the same with ``--max-async-tasks 500``;
+  and ``plain_async500``, ``plain`` with ``--max-async-tasks 500``; they
+  separate the flag's and the receiver's effects from batching's.
 
 Every worker is ``taskiq worker drain:broker --workers 2`` with default flags
 (INFO logging to a file included), plus ``--receiver batchtask:BatchReceiver``
-for the batched modes (``batched_stock``: the stock receiver with
-``--max-async-tasks 500`` instead); ``lean`` is ``bench/lean.py --workers 2``
+for the batched modes (not for ``batched_defaults`` and ``batched_stock``,
+which run on taskiq's stock receiver); ``lean`` is ``bench/lean.py --workers 2``
 instead, writing the same result keys and values. Results go to taskiq-redis's
 ``RedisAsyncResultBackend`` for every broker. Brokers: ``stream``
 (``RedisStreamBroker``), ``rabbitmq`` (``AioPikaBroker``, ``qos=1000``) and
@@ -1016,9 +1019,11 @@ def table(kind: str, runs: list[dict[str, Any]], modes: list[str]) -> list[str]:
         ("batched_lock", "batched", " (2 ms lock per batch vs the no-op ceiling)"),
         ("batched_pg", "plain_pg", " (COPY per batch vs INSERT per item)"),
         ("batched_pg_many", "plain_pg", " (executemany per batch vs INSERT per item)"),
-        ("batched_defaults", "batched", " (--max-async-tasks default 100 vs 500)"),
+        ("batched_defaults", "plain", " (batch task, no --receiver, default flags)"),
+        ("batched_defaults", "batched", " (no --receiver vs BatchReceiver)"),
+        ("batched_stock", "batched", " (stock receiver, --max-async-tasks 500)"),
         ("plain_async500", "plain", " (--max-async-tasks 500 vs default 100)"),
-        ("batched", "plain_async500", " (both --max-async-tasks 500)"),
+        ("batched", "plain_async500", " (BatchReceiver vs plain at 500 tasks)"),
     ]:
         value = ratio(rates, top, bottom)
         if value is not None:

@@ -7,24 +7,40 @@ Never part of the test run. Needs the local servers: Redis 6379, RabbitMQ
 5672, NATS JetStream 4222, PostgreSQL 5432. Runs, one after the other, each
 printing its own table:
 
-1. ``drain.py``: worker drain rate, taskiq's own no-op task vs a batched
-   no-op (``--receiver batchtask:BatchReceiver``), on a Redis stream,
-   RabbitMQ and NATS, also with a 2 ms per-call cost under a process-wide lock,
-   and on the Redis stream ``lean.py`` (redis-py alone, no taskiq) draining
-   the same messages: how close the batched worker comes to a lean consumer;
-2. ``drain.py`` PostgreSQL modes on a Redis stream, and ``pg_direct.py``
-   (the database alone);
-3. ``kiq_many.py``: producer side, ``kiq_many`` vs a loop of ``kiq``;
-4. ``machinery.py``: in-process cost per item;
-5. ``latency.py``: kiq to stored result for a trickle.
+- ``drain.py``: worker drain rate on a Redis stream, RabbitMQ and NATS of
+  taskiq's own no-op task (``plain``), a batched no-op on a worker with
+  ``--receiver batchtask:BatchReceiver`` (``batched``) and on a worker with
+  default flags and no ``--receiver`` (``batched_defaults``), the same with a
+  2 ms per-call cost under a process-wide lock, and on the Redis stream
+  ``lean.py`` (redis-py alone, no taskiq) draining the same messages;
+- ``drain.py`` PostgreSQL modes on a Redis stream, and ``pg_direct.py``
+  (the database alone);
+- ``kiq_many.py``: producer side, ``kiq_many`` vs a loop of ``kiq``;
+- ``machinery.py``: in-process cost per item (also BatchReceiver's native
+  path);
+- ``latency.py``: kiq to stored result for a trickle.
 
-Then prints one table of the goals (each a ratio measured side by side in
-this run: of the medians over interleaved rounds; for the no-op drain also the
-lowest and highest ratio within one round), writes every figure to
-``bench/results/summary.json`` (each benchmark's raw numbers next to it) and
-draws ``bench/results/throughput.png`` (items/s by broker and mode).
-``--quick`` is a smoke run (few items, one round); its figures are not
-representative.
+Then prints one table of the goals, each a ratio measured side by side in
+this run (of the medians over interleaved rounds; the detail gives the lowest
+and highest ratio within one round):
+
+1. Redis stream, no-op: ``batched`` / ``lean`` >= 0.5x, and ``batched`` /
+   ``plain`` >= 5x;
+2. RabbitMQ and NATS, no-op: ``batched`` / ``plain`` >= 4x each;
+3. a worker started without ``--receiver``: ``batched_defaults`` / ``plain``
+   >= 1.5x, per broker;
+4. PostgreSQL through a worker: ``batched_pg`` (COPY per batch) /
+   ``plain_pg`` (INSERT per item) >= 10x (executemany and PostgreSQL alone
+   reported too);
+5. ``machinery.py``'s ``native_delta_ratio`` (what a batched item on the
+   native path adds over taskiq's own per-message cost) <= 0.25x (the
+   machinery alone and through the stock receiver reported too);
+
+and, as "also:" rows, the 2 ms lock checks, ``kiq_many`` and the trickle
+latency. Writes every figure to ``bench/results/summary.json`` (each
+benchmark's raw numbers next to it) and draws
+``bench/results/throughput.png`` (items/s by broker and mode). ``--quick`` is
+a smoke run (few items, one round); its figures are not representative.
 """
 
 import argparse
@@ -43,7 +59,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BROKERS = ["stream", "rabbitmq", "nats"]
 BROKER_LABELS = {"stream": "Redis stream", "rabbitmq": "RabbitMQ", "nats": "NATS"}
-DRAIN_MODES = ["plain", "batched", "lean", "plain_lock", "batched_lock"]
+DRAIN_MODES = [
+    "plain",
+    "batched",
+    "batched_defaults",
+    "lean",
+    "plain_lock",
+    "batched_lock",
+]
 PG_MODES = ["plain_pg", "batched_pg", "batched_pg_many"]
 
 
@@ -98,153 +121,282 @@ def spread(values: list[float]) -> str:
     return f"{min(values):,.0f}-{max(values):,.0f}"
 
 
-def rounds_text(ratios: list[float]) -> str:
+Target = tuple[str, float] | None
+"""A goal's target: (">=" or "<=", bound), or None for a reported figure."""
+
+
+def rounds_text(ratios: list[float] | None, unit: str = "x") -> str:
     """The lowest and highest of per-round ratios, for a goal's detail."""
     if not ratios:
         return ""
-    return f"; rounds {min(ratios):.2f}-{max(ratios):.2f}x"
+    return f"; rounds {min(ratios):.2f}..{max(ratios):.2f}{unit}"
+
+
+def row(
+    goal: str,
+    value: float | None,
+    target: Target,
+    detail: str,
+    each: list[float] | None = None,
+    unit: str = "x",
+) -> dict[str, Any]:
+    """One line of the goals table (None value: not measured, not met)."""
+    met: bool | None = None
+    if target is not None:
+        op, bound = target
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+    line: dict[str, Any] = {
+        "goal": goal,
+        "value": value,
+        "target": "(reported)"
+        if target is None
+        else f"{target[0]} {target[1]:g}{unit}",
+        "met": met,
+        "detail": detail + rounds_text(each, unit),
+        "unit": unit,
+    }
+    if each is not None:
+        line["round_ratios"] = each
+    return line
+
+
+def rate_row(
+    goal: str,
+    rates: dict[str, list[float]],
+    top: str,
+    bottom: str,
+    target: Target,
+    by_round: dict[str, dict[int, float]] | None = None,
+    noun: str = "items/s",
+) -> dict[str, Any]:
+    """`top` / `bottom`: the ratio of their medians, and the per-round ratios.
+
+    Rounds are paired by number (`by_round`, drain.py) or else by position
+    (the other benchmarks append one rate per way and round, interleaved).
+    """
+    if top not in rates or bottom not in rates:
+        missing = " and ".join(m for m in (top, bottom) if m not in rates)
+        return row(goal, None, target, f"not measured: no {missing} runs")
+    ours, theirs = rates[top], rates[bottom]
+    each = (
+        paired(by_round, top, bottom)
+        if by_round is not None
+        else [a / b for a, b in zip(ours, theirs, strict=False)]
+    )
+    return row(
+        goal,
+        med(ours) / med(theirs),
+        target,
+        f"{med(ours):,.0f} vs {med(theirs):,.0f} {noun}",
+        each,
+    )
+
+
+def machinery_row(
+    goal: str, report: Any, top: str, bottom: str, key: str, target: Target
+) -> dict[str, Any]:
+    """(`top` - `bottom`) / taskiq's per-message cost, from machinery.py's JSON.
+
+    `key` names the ratio of the medians machinery.py wrote (``..._ratio``,
+    with its ``..._us``); the per-round ratios come from the same round's runs.
+    """
+    runs = report["us_per_item"]
+    if f"{key}_ratio" not in report or top not in runs:
+        return row(goal, None, target, f"not measured: no {key}_ratio")
+    each = [
+        (a - b) / t
+        for a, b, t in zip(runs[top], runs[bottom], runs["taskiq"], strict=False)
+    ]
+    median = report["median_us"]
+    detail = (
+        f"{report[f'{key}_us']:+.1f} µs/item: {top} {median[top]:.1f} - "
+        f"{bottom} {median[bottom]:.1f}"
+    )
+    if bottom != "taskiq":
+        detail += f", taskiq {median['taskiq']:.1f}"
+    return row(goal, report[f"{key}_ratio"], target, detail, each)
 
 
 def goals(figures: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal: what was measured, the target, and whether it was met."""
-    drain = figures["drain"]
-    rows: list[dict[str, Any]] = []
+    """Each goal: what was measured, the target, and whether it was met.
+
+    Numbered rows are the goals; "also:" rows are further checks and figures.
+    Every ratio is of medians over this run's interleaved rounds; its detail
+    gives the lowest and highest ratio within one round.
+    """
+    drain, drain_rounds = figures["drain"], figures["drain_rounds"]
+
+    def on(kind: str, top: str, bottom: str, target: Target, goal: str) -> Any:
+        return rate_row(
+            goal,
+            drain.get(kind, {}),
+            top,
+            bottom,
+            target,
+            by_round=drain_rounds.get(kind, {}),
+        )
+
+    rows = [
+        on(
+            "stream",
+            "batched",
+            "lean",
+            (">=", 0.5),
+            "1. no-op, Redis stream: batched / lean redis-py",
+        ),
+        on(
+            "stream",
+            "batched",
+            "plain",
+            (">=", 5),
+            "1. no-op, Redis stream: batched / taskiq plain",
+        ),
+    ]
+    for kind in ("rabbitmq", "nats"):
+        rows.append(
+            on(
+                kind,
+                "batched",
+                "plain",
+                (">=", 4),
+                f"2. no-op, {BROKER_LABELS[kind]}: batched / taskiq plain",
+            )
+        )
     for kind in BROKERS:
-        modes = drain.get(kind, {})
-        by_round = figures["drain_rounds"].get(kind, {})
-        if "plain" in modes and "batched" in modes:
-            value = med(modes["batched"]) / med(modes["plain"])
-            each = paired(by_round, "batched", "plain")
-            rows.append(
-                {
-                    "goal": f"1. no-op drain, batched / taskiq plain, {kind}",
-                    "value": value,
-                    "target": ">= 1.5x" if kind == "stream" else "(reported)",
-                    "met": value >= 1.5 if kind == "stream" else None,
-                    "detail": f"{med(modes['batched']):,.0f} vs "
-                    f"{med(modes['plain']):,.0f} items/s{rounds_text(each)}",
-                    "round_ratios": each,
-                }
+        rows.append(
+            on(
+                kind,
+                "batched_defaults",
+                "plain",
+                (">=", 1.5),
+                f"3. no --receiver, {BROKER_LABELS[kind]}: batched_defaults / plain",
             )
-        if "lean" in modes and "batched" in modes:
-            # No target: how much of a lean consumer's rate the worker keeps.
-            value = med(modes["batched"]) / med(modes["lean"])
-            each = paired(by_round, "batched", "lean")
-            rows.append(
-                {
-                    "goal": f"1. no-op drain, batched / lean redis-py, {kind}",
-                    "value": value,
-                    "target": "(reported)",
-                    "met": None,
-                    "detail": f"{med(modes['batched']):,.0f} vs "
-                    f"{med(modes['lean']):,.0f} items/s{rounds_text(each)}",
-                    "round_ratios": each,
-                }
-            )
-    for kind in BROKERS:
-        modes = drain.get(kind, {})
-        if {"batched", "batched_lock", "plain_lock"} <= set(modes):
-            ceiling = med(modes["batched_lock"]) / med(modes["batched"])
-            versus = med(modes["batched_lock"]) / med(modes["plain_lock"])
-            rows.append(
-                {
-                    "goal": f"2. 2 ms lock per call, {kind}: batched_lock / batched",
-                    "value": ceiling,
-                    "target": ">= 0.8x",
-                    "met": ceiling >= 0.8,
-                    "detail": f"{med(modes['batched_lock']):,.0f} items/s",
-                }
-            )
-            rows.append(
-                {
-                    "goal": f"2. 2 ms lock per call, {kind}: batched / plain",
-                    "value": versus,
-                    "target": ">= 5x",
-                    "met": versus >= 5,
-                    "detail": f"{med(modes['plain_lock']):,.0f} items/s plain",
-                }
-            )
+        )
     pg = figures["drain_pg"].get("stream", {})
-    for mode, how in (("batched_pg", "COPY"), ("batched_pg_many", "executemany")):
-        if mode in pg and "plain_pg" in pg:
-            value = med(pg[mode]) / med(pg["plain_pg"])
-            rows.append(
-                {
-                    "goal": f"3. PostgreSQL through a worker, {how} / INSERT",
-                    "value": value,
-                    "target": ">= 10x (expected)",
-                    "met": value >= 10,
-                    "detail": f"{med(pg[mode]):,.0f} vs "
-                    f"{med(pg['plain_pg']):,.0f} rows/s",
-                }
-            )
+    pg_rounds = figures["drain_pg_rounds"].get("stream", {})
+    rows.append(
+        rate_row(
+            "4. PostgreSQL via a worker: batched_pg COPY / plain_pg INSERT",
+            pg,
+            "batched_pg",
+            "plain_pg",
+            (">=", 10),
+            pg_rounds,
+            "rows/s",
+        )
+    )
+    rows.append(
+        rate_row(
+            "4. also: via a worker: batched_pg_many executemany / INSERT",
+            pg,
+            "batched_pg_many",
+            "plain_pg",
+            None,
+            pg_rounds,
+            "rows/s",
+        )
+    )
     direct = figures["pg_direct"]["rates"]
     for way in ("copy", "executemany"):
-        value = med(direct[way]) / med(direct["insert"])
         rows.append(
-            {
-                "goal": f"3. PostgreSQL alone (no queue), {way} / INSERT",
-                "value": value,
-                "target": ">= 10x (expected)",
-                "met": value >= 10,
-                "detail": f"{med(direct[way]):,.0f} vs "
-                f"{med(direct['insert']):,.0f} rows/s",
-            }
+            rate_row(
+                f"4. also: PostgreSQL alone (no queue), {way} / INSERT",
+                direct,
+                way,
+                "insert",
+                None,
+                noun="rows/s",
+            )
         )
-    kiq = figures["kiq_many"]["rates"]
-    value = med(kiq["many"]) / med(kiq["loop"])
-    rows.append(
-        {
-            "goal": "4. kiq_many / loop of kiq, Redis stream",
-            "value": value,
-            "target": ">= 5x",
-            "met": value >= 5,
-            "detail": f"{med(kiq['many']):,.0f} vs {med(kiq['loop']):,.0f} items/s",
-        }
-    )
     machinery = figures["machinery"]
     rows.append(
-        {
-            "goal": "5. machinery alone / taskiq per-message cost",
-            "value": machinery["machinery_ratio"],
-            "target": "<= 0.25x",
-            "met": machinery["machinery_ratio"] <= 0.25,
-            "detail": f"{machinery['machinery_us']:.1f} vs "
-            f"{machinery['median_us']['taskiq']:.1f} µs/item",
-        }
+        machinery_row(
+            "5. native path: (native - taskiq) / taskiq per message",
+            machinery,
+            "native",
+            "taskiq",
+            "native_delta",
+            ("<=", 0.25),
+        )
     )
     rows.append(
-        {
-            "goal": "5. through the receiver: (batched - taskiq) / taskiq",
-            "value": machinery["receiver_delta_ratio"],
-            "target": "(reported)",
-            "met": None,
-            "detail": f"{machinery['receiver_delta_us']:.1f} µs/item",
-        }
+        machinery_row(
+            "5. also: machinery alone: (entry - coroutine) / taskiq",
+            machinery,
+            "entry",
+            "coroutine",
+            "machinery",
+            None,
+        )
+    )
+    rows.append(
+        machinery_row(
+            "5. also: via the stock receiver: (batched - taskiq) / taskiq",
+            machinery,
+            "batched",
+            "taskiq",
+            "receiver_delta",
+            None,
+        )
+    )
+    for kind in BROKERS:
+        label = BROKER_LABELS[kind]
+        rows.append(
+            on(
+                kind,
+                "batched_lock",
+                "batched",
+                (">=", 0.8),
+                f"also: 2 ms lock, {label}: batched_lock / batched",
+            )
+        )
+        rows.append(
+            on(
+                kind,
+                "batched_lock",
+                "plain_lock",
+                (">=", 5),
+                f"also: 2 ms lock, {label}: batched_lock / plain_lock",
+            )
+        )
+    rows.append(
+        rate_row(
+            "also: kiq_many / loop of kiq, Redis stream",
+            figures["kiq_many"]["rates"],
+            "many",
+            "loop",
+            (">=", 5),
+        )
     )
     latency = figures["latency"]
+    bound_ms = latency["bound_s"] * 1000
     rows.append(
-        {
-            "goal": "6. trickle latency p99 (ms) vs batch_timeout + call + 10 ms",
-            "value": latency["p99_s"] * 1000,
-            "target": f"<= {latency['bound_s'] * 1000:.0f} ms",
-            "met": latency["p99_s"] <= latency["bound_s"],
-            "detail": f"p50 {latency['p50_s'] * 1000:.1f} ms, "
+        row(
+            "also: trickle latency p99 (ms) vs batch_timeout + call + 10 ms",
+            latency["p99_s"] * 1000,
+            ("<=", bound_ms),
+            f"p50 {latency['p50_s'] * 1000:.1f} ms, "
             f"max {latency['max_s'] * 1000:.1f} ms",
-        }
+            unit=" ms",
+        )
     )
     return rows
 
 
 def print_goals(rows: list[dict[str, Any]]) -> None:
     """The goals table."""
-    print("\n=== goals (medians over interleaved rounds, this run)")
-    for row in rows:
-        verdict = {True: "met", False: "NOT met", None: ""}[row["met"]]
-        unit = "" if row["goal"].startswith("6.") else "x"
+    print(
+        "\n=== goals (ratios of medians over interleaved rounds, this run; "
+        "rounds: lowest..highest ratio within one round)"
+    )
+    for line in rows:
+        verdict = {True: "met", False: "NOT met", None: ""}[line["met"]]
+        unit = "x" if line.get("unit", "x") == "x" else ""
+        value = "-" if line["value"] is None else f"{line['value']:.2f}"
+        unit = "" if line["value"] is None else unit
         print(
-            f"  {row['goal']:62} {row['value']:7.2f}{unit:1} "
-            f"{row['target']:>18} {verdict:8} {row['detail']}"
+            f"  {line['goal']:62} {value:>7}{unit:1} "
+            f"{line['target']:>18} {verdict:8} {line['detail']}"
         )
 
 
@@ -264,7 +416,8 @@ def chart(figures: dict[str, Any], path: Path, stamp: str) -> None:
     )
     labels = {
         "plain": "taskiq task, no-op",
-        "batched": "batchtask, no-op",
+        "batched": "batchtask + BatchReceiver, no-op",
+        "batched_defaults": "batchtask, no --receiver, no-op",
         "lean": "lean redis-py consumer, no-op",
         "plain_lock": "taskiq task, 2 ms lock per call",
         "batched_lock": "batchtask, 2 ms lock per call",
@@ -275,6 +428,7 @@ def chart(figures: dict[str, Any], path: Path, stamp: str) -> None:
     colours = {
         "plain": "#9e9e9e",
         "batched": "#1f77b4",
+        "batched_defaults": "#9467bd",
         "lean": "#ff7f0e",
         "plain_lock": "#d9d9d9",
         "batched_lock": "#6baed6",
@@ -283,7 +437,7 @@ def chart(figures: dict[str, Any], path: Path, stamp: str) -> None:
         "batched_pg_many": "#98df8a",
     }
     fig, ax = plt.subplots(figsize=(11, 5.8), dpi=110)
-    width = 0.17  # five bars (lean too) on the Redis stream
+    width = 0.14  # six bars (lean too) on the Redis stream
     seen: set[str] = set()
     for index, (_, rates, modes) in enumerate(groups):
         present = [m for m in (modes or PG_MODES) if m in rates]
@@ -302,7 +456,7 @@ def chart(figures: dict[str, Any], path: Path, stamp: str) -> None:
                 yerr=[[middle - min(values)], [max(values) - middle]],
                 capsize=2,
             )
-            ax.text(x, middle, f"{middle:,.0f}", ha="center", va="bottom", fontsize=7)
+            ax.text(x, middle, f"{middle:,.0f}", ha="center", va="bottom", fontsize=6)
             seen.add(mode)
     ax.set_xticks(range(len(groups)), [name for name, _, _ in groups])
     ax.set_ylabel("items/s drained by one worker (2 processes)")
@@ -327,7 +481,7 @@ def main() -> int:
     began = time.perf_counter()
     common = ["--items", str(items), "--rounds", str(rounds)]
     step(
-        "1-2 drain",
+        "1-3 drain",
         "drain.py",
         *common,
         "--brokers",
@@ -338,7 +492,7 @@ def main() -> int:
         str(RESULTS / "drain.json"),
     )
     step(
-        "3 drain, PostgreSQL",
+        "4 drain, PostgreSQL",
         "drain.py",
         *common,
         "--brokers",
@@ -349,7 +503,7 @@ def main() -> int:
         str(RESULTS / "drain-pg.json"),
     )
     step(
-        "3 PostgreSQL alone",
+        "4 PostgreSQL alone",
         "pg_direct.py",
         "--rows",
         str(items),
@@ -359,7 +513,7 @@ def main() -> int:
         str(RESULTS / "pg-direct.json"),
     )
     step(
-        "4 kiq_many",
+        "also: kiq_many",
         "kiq_many.py",
         "--items",
         str(min(items, 5000)),
@@ -379,7 +533,7 @@ def main() -> int:
         str(RESULTS / "machinery.json"),
     )
     step(
-        "6 latency",
+        "also: latency",
         "latency.py",
         "--items",
         "50" if args.quick else "200",
@@ -391,6 +545,7 @@ def main() -> int:
         "drain": drain_rates(load("drain.json")),
         "drain_rounds": drain_rounds(load("drain.json")),
         "drain_pg": drain_rates(load("drain-pg.json")),
+        "drain_pg_rounds": drain_rounds(load("drain-pg.json")),
         "pg_direct": load("pg-direct.json"),
         "kiq_many": load("kiq-many.json"),
         "machinery": load("machinery.json"),
