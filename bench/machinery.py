@@ -156,7 +156,7 @@ async def main() -> None:
     }
     for name, values in runs.items():
         print(
-            f"  {labels[name]:40} {median[name]:6.1f}"
+            f"  {labels[name]:44} {median[name]:6.1f}"
             f"  (min {min(values):.1f}, max {max(values):.1f})"
         )
     print(

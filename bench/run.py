@@ -116,11 +116,6 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def spread(values: list[float]) -> str:
-    """min-max of a list of rates."""
-    return f"{min(values):,.0f}-{max(values):,.0f}"
-
-
 Target = tuple[str, float] | None
 """A goal's target: (">=" or "<=", bound), or None for a reported figure."""
 
