@@ -2,6 +2,7 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from taskiq import InMemoryBroker
@@ -67,3 +68,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # Read by tests/test_stress.py when it is imported, after this hook.
     if config.getoption("--stress", default=False):
         os.environ["BATCHTASK_STRESS"] = "1"
+
+
+async def results_through(
+    receiver: Any, tasks: list[Any], seconds: float = 30
+) -> list[Any]:
+    """Run `receiver` until every task's result is stored, stop it, return them."""
+    finish = asyncio.Event()
+    listener = asyncio.create_task(receiver.listen(finish))
+    results = [await within(t.wait_result(timeout=seconds), seconds * 2) for t in tasks]
+    finish.set()
+    await within(listener, seconds * 2)
+    return results

@@ -1,6 +1,5 @@
 """AMQP acks of a batch: one ``basic.ack(multiple=True)``, never over unfinished."""
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -12,7 +11,7 @@ from taskiq_redis import RedisAsyncResultBackend
 
 from batchtask import BatchReceiver, batch_task
 from batchtask._grouping import AmqpAcks
-from tests.conftest import require_server, within
+from tests.conftest import require_server, results_through
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -108,11 +107,7 @@ async def test_a_rabbitmq_worker_acks_batches_in_few_frames_and_leaves_nothing(
             if i % 50 == 0:
                 tasks.append(await plain.kiq(i))
         receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
-        finish = asyncio.Event()
-        listener = asyncio.create_task(receiver.listen(finish))
-        results = [await within(t.wait_result(timeout=30), 60) for t in tasks]
-        finish.set()
-        await within(listener, 60)
+        results = await results_through(receiver, tasks)
         amqp = receiver._amqp  # pyright: ignore[reportPrivateUsage]
         assert amqp is not None
         frames = amqp.round_trips

@@ -1,15 +1,13 @@
 """taskiq's private names batchtask relies on: present, and a safe fallback if not."""
 
-import asyncio
 import logging
-from typing import Any
 
 import pytest
 from taskiq import InMemoryBroker
 from taskiq.receiver import Receiver
 
 from batchtask import BatchReceiver, _compat, batch_task
-from tests.conftest import within
+from tests.conftest import results_through
 from tests.test_differential import AckingBroker, Log, RecordingBackend
 
 
@@ -58,11 +56,7 @@ async def test_on_a_changed_taskiq_batches_run_on_taskiqs_own_path(
     assert receiver.native is None
     assert "Receiver.runner" in caplog.text
     assert "taskiq's own path" in caplog.text
-    finish = asyncio.Event()
-    listener = asyncio.create_task(receiver.listen(finish))
-    results: list[Any] = [await within(t.wait_result(timeout=10), 20) for t in tasks]
-    finish.set()
-    await within(listener, 20)
+    results = await results_through(receiver, tasks, 10)
     assert [r.return_value for r in results] == [2 * i for i in range(10)]
     assert sorted(v for call in calls for v in call) == list(range(10))
     assert all(("ack",) in events for events in log.values()), "every message acked"

@@ -38,7 +38,7 @@ from taskiq.receiver import Receiver
 
 from batchtask import BatchContext, BatchReceiver, PartialFailure, batch_task
 from batchtask._lifecycle import close_all
-from tests.conftest import within
+from tests.conftest import results_through, within
 
 Log = dict[str, list[tuple[Any, ...]]]
 
@@ -527,11 +527,7 @@ async def test_the_native_path_resolves_dependencies_once_per_call() -> None:
     await broker.startup()
     tasks = [await use.kiq(i) for i in [*range(10), 13]]
     receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
-    finish = asyncio.Event()
-    listener = asyncio.create_task(receiver.listen(finish))
-    results = [await within(t.wait_result(timeout=10), 20) for t in tasks]
-    finish.set()
-    await within(listener, 20)
+    results = await results_through(receiver, tasks, 10)
 
     assert len(opened) == 3, "one session per call of 5, 5 and 1 items"
     assert sorted(closed, key=str) == [None, None, "ValueError"]
