@@ -17,6 +17,15 @@ Results go to Redis for every broker. Redis keys written by the worker:
 ``<queue>:received`` counts messages the receiver started (a middleware),
 ``<queue>:calls`` lists every call as ``pid:value,value,...`` and
 ``<queue>:processed`` counts, per item value, the calls that included it.
+
+The ``app:ack_*`` batch tasks (tests/test_ack_types.py) double their values
+like ``double``, each with its own ``ack_type`` label and, for ``manual``, its
+own way of acknowledging; each call is listed in ``<queue>:ack_calls:<name>``
+as ``pid:value,value,...`` (``BatchContext`` tasks add ``:`` plus one ``1`` or
+``0`` per item, ``ctx.acked`` when the call returns, and ``:ordered`` when
+``ctx.messages`` carried the values in item order). They use the same batch
+settings and count into ``<queue>:received`` like ``double``; they exist
+only with BATCHTASK_ACK_TASKS=1.
 """
 
 import asyncio
@@ -26,12 +35,12 @@ from typing import Any
 
 import redis.asyncio as redis
 from nats.js.api import ConsumerConfig, StreamConfig
-from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
+from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
 from taskiq_aio_pika import AioPikaBroker, Exchange, Queue
 from taskiq_nats import PullBasedJetStreamBroker
 from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
 
-from batchtask import batch_task
+from batchtask import BatchContext, batch_task
 from batchtask._lifecycle import buffered_items
 
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -83,12 +92,23 @@ def make_broker() -> AsyncBroker:
 
 _redis = redis.from_url(REDIS_URL)
 
+ACK_TASKS = (
+    "app:ack_when_received",
+    "app:ack_when_executed",
+    "app:ack_when_saved",
+    "app:ack_context",
+    "app:ack_batch_context",
+    "app:ack_even_items",
+    "app:ack_none",
+)
+"""The batch tasks of tests/test_ack_types.py, one per way of acknowledging."""
+
 
 class CountReceived(TaskiqMiddleware):
     """Counts the messages the receiver started, before their task runs."""
 
     async def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        if message.task_name == "app:double":
+        if message.task_name == "app:double" or message.task_name in ACK_TASKS:
             await _redis.incr(f"{QUEUE}:received")
         return message
 
@@ -128,3 +148,79 @@ async def stats() -> dict[str, Any]:
         "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "buffered": buffered_items(broker),
     }
+
+
+if os.environ.get("BATCHTASK_ACK_TASKS") == "1":
+    # Only on request: more batch tasks would change the start-up warnings
+    # that other tests read (they list every batch task).
+    def _ack_task(name: str, ack_type: str) -> Any:
+        """The decorator of the ``app:<name>`` batch task with label `ack_type`."""
+        return batch_task(
+            broker,
+            batch_size=BATCH_SIZE,
+            batch_timeout=BATCH_TIMEOUT,
+            results="per_item",
+            task_name=f"app:{name}",
+            ack_type=ack_type,
+        )
+
+    async def _record_ack_call(
+        name: str, values: list[int], ctx: BatchContext | None = None
+    ) -> list[int]:
+        """List the call in ``<queue>:ack_calls:<name>``; the doubled values."""
+        entry = f"{os.getpid()}:{','.join(map(str, values))}"
+        if ctx is not None:
+            entry += ":" + "".join("1" if acked else "0" for acked in ctx.acked)
+            if [message.args[0] for message in ctx.messages] == values:
+                entry += ":ordered"
+        key = f"{QUEUE}:ack_calls:{name}"
+        async with _redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, entry)
+            pipe.expire(key, 900)
+            await pipe.execute()
+        return [2 * v for v in values]
+
+    @_ack_task("ack_when_received", "when_received")
+    async def ack_when_received(values: list[int]) -> list[int]:
+        return await _record_ack_call("ack_when_received", values)
+
+    @_ack_task("ack_when_executed", "when_executed")
+    async def ack_when_executed(values: list[int]) -> list[int]:
+        return await _record_ack_call("ack_when_executed", values)
+
+    @_ack_task("ack_when_saved", "when_saved")
+    async def ack_when_saved(values: list[int]) -> list[int]:
+        return await _record_ack_call("ack_when_saved", values)
+
+    @_ack_task("ack_context", "manual")
+    async def ack_context(
+        values: list[int], ctx: Context = TaskiqDepends()
+    ) -> list[int]:
+        """``manual``: taskiq's own ``Context.ack()``, once per call."""
+        await ctx.ack()
+        return await _record_ack_call("ack_context", values)
+
+    @_ack_task("ack_batch_context", "manual")
+    async def ack_batch_context(
+        values: list[int], ctx: BatchContext = TaskiqDepends()
+    ) -> list[int]:
+        """``manual``: ``BatchContext.ack()``, once per call."""
+        await ctx.ack()
+        return await _record_ack_call("ack_batch_context", values, ctx)
+
+    @_ack_task("ack_even_items", "manual")
+    async def ack_even_items(
+        values: list[int], ctx: BatchContext = TaskiqDepends()
+    ) -> list[int]:
+        """``manual``: ``BatchContext.ack_item(i)`` for the even values only."""
+        for index, value in enumerate(values):
+            if value % 2 == 0:
+                await ctx.ack_item(index)
+        return await _record_ack_call("ack_even_items", values, ctx)
+
+    @_ack_task("ack_none", "manual")
+    async def ack_none(
+        values: list[int], ctx: BatchContext = TaskiqDepends()
+    ) -> list[int]:
+        """``manual`` without any ack: every message stays unacknowledged."""
+        return await _record_ack_call("ack_none", values, ctx)
