@@ -210,10 +210,29 @@ _IN_PROCESS_BACKENDS: tuple[type[AsyncResultBackend[Any]], ...] = (
 """taskiq's result backends that store in the process (no I/O)."""
 
 
+_SET_MANY = """
+local unit, amount = ARGV[1], ARGV[2]
+for i, key in ipairs(KEYS) do
+  if unit == '' then
+    redis.call('SET', key, ARGV[i + 2])
+  else
+    redis.call('SET', key, ARGV[i + 2], unit, amount)
+  end
+end
+return #KEYS
+"""
+"""Sets each key to its value with the same expiry: one command, one reply."""
+
+
 def _redis_result_writer(
     backend: AsyncResultBackend[Any],
 ) -> Send[tuple[str, TaskiqResult[Any]]] | None:
-    """A pipelined ``set_result`` for ``RedisAsyncResultBackend``, else None."""
+    """A grouped ``set_result`` for ``RedisAsyncResultBackend``, else None.
+
+    One script call sets every result of the group, each under the key, with
+    the value and expiry the backend's own ``set_result`` uses: one command
+    and one reply instead of one each per result.
+    """
     try:
         from redis.asyncio import Redis
         from taskiq_redis import RedisAsyncResultBackend
@@ -228,29 +247,35 @@ def _redis_result_writer(
     ex = redis_backend.result_ex_time or None
     px = None if ex else redis_backend.result_px_time or None
 
+    expiry: list[Any] = ["EX", ex] if ex else ["PX", px] if px else ["", 0]
+    script: Any = None
+
     async def write(
         requests: list[tuple[str, TaskiqResult[Any]]],
     ) -> list[BaseException | None]:
+        nonlocal script
         errors: list[BaseException | None] = [None] * len(requests)
-        queued: list[int] = []
+        names: list[str] = []
+        values: list[bytes] = []
+        for index, (task_id, result) in enumerate(requests):
+            try:
+                value = redis_backend.serializer.dumpb(result.model_dump(mode="json"))
+            except Exception as exc:  # this result only: it cannot be stored
+                errors[index] = exc
+                continue
+            names.append(redis_backend._task_name(task_id))  # pyright: ignore[reportPrivateUsage]
+            values.append(value)
+        if not names:
+            return errors
         async with Redis(connection_pool=redis_backend.redis_pool) as connection:
-            pipeline = connection.pipeline(transaction=False)
-            for index, (task_id, result) in enumerate(requests):
-                try:
-                    value = redis_backend.serializer.dumpb(
-                        result.model_dump(mode="json")
-                    )
-                except Exception as exc:  # this result only: it cannot be stored
-                    errors[index] = exc
-                    continue
-                name = redis_backend._task_name(task_id)  # pyright: ignore[reportPrivateUsage]
-                pipeline.set(name=name, value=value, ex=ex, px=px)
-                queued.append(index)
-            if queued:
-                replies = await pipeline.execute(raise_on_error=False)
-                for index, reply in zip(queued, replies, strict=True):
-                    if isinstance(reply, BaseException):
-                        errors[index] = reply
+            if script is None:
+                script = connection.register_script(_SET_MANY)
+            try:
+                await script(keys=names, args=[*expiry, *values], client=connection)
+            except Exception as exc:
+                for index, error in enumerate(errors):
+                    if error is None:
+                        errors[index] = copy.copy(exc)
         return errors
 
     return write
