@@ -6,7 +6,7 @@ These helpers collect what arrives in one loop turn and send it together:
 
 - `GroupedResultBackend` wraps a broker's result backend. For taskiq-redis's
   ``RedisAsyncResultBackend`` (exactly that class) it writes the results of
-  one loop turn in one pipeline, each under the key, with the value and the
+  one loop turn with one command (a script), each under the key, with the value and the
   expiry the backend's own ``set_result`` uses; every other backend, and
   every other method, is called as before.
 - `GroupedAcks` acks taskiq-redis ``RedisStreamBroker`` messages of one loop
@@ -431,7 +431,7 @@ def install_on_stock_worker(broker: AsyncBroker) -> None:
     """Group a worker's result writes and acks without `BatchReceiver`.
 
     Called when a worker with taskiq's own receiver starts: the items of a
-    batch finish in the same loop turn, so their results go in one pipeline
+    batch finish in the same loop turn, so their results go in one command
     (`GroupedResultBackend`, where the backend is one it groups) and their
     ``RedisStreamBroker`` acks in one ``XACK`` (the broker's ``listen`` is
     wrapped to hand out grouped acks). Each message is still acked after its

@@ -16,7 +16,7 @@ future of its own while the item waits:
 - per batch (`NativePath.finish`): each message's ``on_error``,
   ``when_executed`` ack, ``post_execute``, result write, ``post_save`` and
   ``when_saved`` ack, in taskiq's order for every message, each step sent for
-  the whole batch at once (one pipeline of results, one ``XACK`` on a Redis
+  the whole batch at once (one command for the results, one ``XACK`` on a Redis
   stream).
 
 A middleware hook that raises for one message ends that message there (no

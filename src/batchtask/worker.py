@@ -7,7 +7,7 @@ Start a worker with it::
 Batching works without it; with it, a worker handles the messages of batch
 tasks on a batch-native path (`batchtask._native`): no asyncio task per
 message, dependencies resolved once per call, results written and messages
-acknowledged per batch (one pipeline and one ``XACK`` on Redis). Every
+acknowledged per batch (one command and one ``XACK`` on Redis). Every
 message still gets what taskiq's receiver gives it: its middlewares' hooks,
 its result under its own task id, its ack at its ``ack_type`` time. Plain
 taskiq tasks keep taskiq's own path.
