@@ -33,7 +33,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from taskiq import (
@@ -96,7 +96,7 @@ class NativeItem:
     """The ``when_received`` ack round trip this message waits for."""
     ack_error: BaseException | None = None
     expiry: asyncio.TimerHandle | None = None
-    done: bool = field(default=False)
+    done: bool = False
 
 
 class NativePath:
@@ -564,21 +564,21 @@ class NativePath:
 
     async def wait_idle(self) -> None:
         """Wait until no taken message is still arriving or in a running batch."""
-        while self._intakes or any(b.running for b in self._batchers.values()):
-            if self._intakes:
-                await asyncio.wait(set(self._intakes))
-            for batcher in self._batchers.values():
-                await batcher.wait_idle()
+        await self._settle(drain=False)
 
     async def drain(self) -> None:
-        """Wait until every taken message has ended."""
+        """Wait until every taken message has ended (after `close`)."""
+        await self._settle(drain=True)
+
+    async def _settle(self, *, drain: bool) -> None:
+        # A message still arriving may open a batch; draining runs it too.
         while self._intakes or any(
-            b.running or b.buffered for b in self._batchers.values()
+            b.running or (drain and b.buffered) for b in self._batchers.values()
         ):
             if self._intakes:
                 await asyncio.wait(set(self._intakes))
             for batcher in self._batchers.values():
-                await batcher.drain()
+                await (batcher.drain() if drain else batcher.wait_idle())
 
 
 async def _each(
