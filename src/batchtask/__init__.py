@@ -9,7 +9,7 @@ extra arguments, at the latest 2 seconds after the group's first row.
 """
 
 from batchtask._batcher import FlushReason
-from batchtask._config import BatchConfig, ResultsMode
+from batchtask._config import BatchConfig, BatchSettings, ResultsMode
 from batchtask._context import BatchContext
 from batchtask._errors import (
     BatchArgumentError,
@@ -17,6 +17,7 @@ from batchtask._errors import (
     BatchConfigError,
     BatchResultError,
     BatchTaskError,
+    ItemExpiredError,
     ItemValidationError,
     PartialFailure,
 )
@@ -33,9 +34,11 @@ __all__ = [
     "BatchKicker",
     "BatchReceiver",
     "BatchResultError",
+    "BatchSettings",
     "BatchTask",
     "BatchTaskError",
     "FlushReason",
+    "ItemExpiredError",
     "ItemValidationError",
     "PartialFailure",
     "ResultsMode",

@@ -3,31 +3,44 @@
 One `Batcher` serves one batch task on one event loop. `submit` puts an item
 in the open batch of its group key and returns an `Entry` whose future the
 batch run resolves; its caller awaits that future and, if the wait is
-cancelled, calls `withdraw`.
+cancelled, calls `withdraw`. `Limits` say when a batch is full, when it is
+due and how many calls may run at once; `configure` changes them.
 
 Invariants:
 
-- An open batch holds 1 .. batch_size-1 live entries: the entry that fills it
-  flushes it inside `submit`, and an entry whose waiter is cancelled while it
-  is still buffered leaves it (an emptied batch is dropped with its timer).
-- An open batch has exactly one timer, armed by its first entry for
-  ``batch_timeout`` seconds later and cancelled when the batch is flushed, so
-  no item waits longer than ``batch_timeout`` for its call to start.
-- A flushed batch runs in a task the batcher owns (kept in `_running`) until it
-  ends; when that task ends, every entry's future is done: the run resolves
-  them, and whatever it left unresolved fails with the run's error.
-- A running batch whose waiters were all cancelled is cancelled too.
+- An open batch holds 1 .. batch_size-1 live entries whose weights add up to
+  less than ``max_weight``, or one entry heavier than that alone: the entry
+  that fills it flushes it inside `submit`, an entry that would overfill it
+  flushes it first and opens the next one, and an entry whose waiter is
+  cancelled while it is still buffered leaves it (an emptied batch is
+  dropped with its timer).
+- An open batch has exactly one timer. It fires no later than
+  ``batch_timeout`` seconds after the batch's first item (the hard bound,
+  fixed when the batch opens) and flushes the batch then; with ``debounce``
+  or ``adaptive`` it may fire earlier, flush the batch if it is due
+  (``debounce`` seconds without a new item; the adaptive rule, see `Limits`)
+  and otherwise re-arm itself for the next moment it could be due. Items
+  joining never touch the timer.
+- A flushed batch either runs or waits in `_waiting`, in flush order, for a
+  call slot (``max_calls`` for the batcher, ``max_calls_per_key`` per key);
+  a batch starts as soon as its slots are free, skipping waiting batches of
+  keys still at their limit. A waiting batch whose waiters were all cancelled
+  is dropped; a running one is cancelled.
+- A started batch runs in a task the batcher owns (kept in `_running`) until
+  it ends; when that task ends, every entry's future is done: the run
+  resolves them, and whatever it left unresolved fails with the run's error.
 - After `close()` nothing waits for a timer: open batches are flushed at once
   and a batch opened later is flushed on the next turn of the event loop
   (items arriving in the same turn still share it). `open()` undoes `close()`.
-- `wait_idle()` returns only when no batch is running; `drain()` closes,
-  then waits, leaving nothing buffered or running behind.
+- `wait_idle()` returns only when no batch is running or waiting; `drain()`
+  closes, then waits, leaving nothing buffered, waiting or running behind.
 """
 
 import asyncio
 import contextvars
 import enum
 import logging
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -43,18 +56,47 @@ class FlushReason(enum.Enum):
 
     SIZE = "size"
     """It reached ``batch_size`` items."""
+    WEIGHT = "weight"
+    """Its weights reached ``max_weight``, or the next item would exceed it."""
     TIMEOUT = "timeout"
     """``batch_timeout`` seconds passed since its first item."""
+    DEBOUNCE = "debounce"
+    """No item joined it for ``debounce`` seconds."""
+    ADAPTIVE = "adaptive"
+    """Its key's arrivals said waiting would not fill it (``adaptive=True``)."""
     SHUTDOWN = "shutdown"
     """The worker is shutting down gracefully."""
     MANUAL = "manual"
     """`batchtask.flush_all()` asked for it."""
     IMMEDIATE = "immediate"
     """Each message runs in place (``InMemoryBroker(await_inplace=True)``)."""
+    RECONFIGURED = "reconfigured"
+    """`reconfigure` lowered a limit the batch had reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """When a batch is full, when it is due, and how many calls run at once.
+
+    The adaptive rule: a batch is due once it is filling too slowly to be
+    full by its deadline, judged both by its own items (n items in e seconds
+    since it opened, extrapolated) and by its key's arrivals over the last
+    ``batch_timeout`` seconds; it waits while either says it will fill. So a
+    lone item waits ``batch_timeout / batch_size`` seconds for company, and
+    each item that joins buys that much more.
+    """
+
+    batch_size: int
+    batch_timeout: float
+    max_weight: float | None = None
+    debounce: float | None = None
+    adaptive: bool = False
+    max_calls: int | None = None
+    max_calls_per_key: int | None = None
 
 
 class Observer(Protocol):
-    """What a batcher reports, for metrics (see `batchtask.metrics`)."""
+    """What batchers and batch runs report, for metrics (see `batchtask.metrics`)."""
 
     def submitted(self, task: str) -> None:
         """One item entered a buffer."""
@@ -65,11 +107,20 @@ class Observer(Protocol):
     def flushed(self, task: str, reason: "FlushReason", size: int) -> None:
         """A batch of `size` items left the buffer to be called."""
 
+    def queued(self, task: str, batches: int) -> None:
+        """`batches` flushed batches of the task now wait for a call slot."""
+
     def waited(self, task: str, seconds: Sequence[float]) -> None:
         """Each item's wait from entering the buffer to its call's start."""
 
     def failed(self, task: str, items: int) -> None:
         """`items` items of one call ended with an error."""
+
+    def expired(self, task: str, items: int) -> None:
+        """`items` items were too old to pass (``max_item_age``)."""
+
+    def deduplicated(self, task: str, items: int) -> None:
+        """`items` items were folded into an equal one (``dedup_key``)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -79,6 +130,7 @@ class Entry(Generic[V, R]):
     value: V
     future: "asyncio.Future[R]"
     batch: "Batch[V, R]"
+    weight: float = 0.0
     submitted: float = 0.0
     """Event-loop time it entered the buffer (kept only with an observer)."""
 
@@ -90,10 +142,18 @@ class Batch(Generic[V, R]):
     key: Hashable
     opened_at: float
     """Event-loop time of the first item."""
+    deadline: float
+    """Event-loop time by which it is called (``batch_timeout`` after opening)."""
     context: contextvars.Context
     """The first item's context: the call runs in a copy of it."""
+    limits: Limits
+    """The limits it opened under (its timing follows them)."""
     entries: "list[Entry[V, R]]" = field(default_factory=lambda: [])
-    timer: asyncio.Handle | None = None
+    weight: float = 0.0
+    """The sum of its live entries' weights."""
+    last_joined: float = 0.0
+    """Event-loop time of the latest item."""
+    timer: asyncio.TimerHandle | asyncio.Handle | None = None
     reason: FlushReason | None = None
     """Why it was flushed; None while it is open."""
     task: "asyncio.Task[None] | None" = None
@@ -115,34 +175,44 @@ class Eagerness:
     level: int = 0
 
 
+_EARLY = 0.001
+"""A timer firing this close before a deadline counts as on time."""
+
+
 class Batcher(Generic[V, R]):
-    """Groups items by key; flushes on size, timeout, close or request."""
+    """Groups items by key; flushes when full or due, on close or request."""
 
     def __init__(
         self,
         run: RunBatch[V, R],
         *,
         name: str,
-        batch_size: int,
-        batch_timeout: float,
+        limits: Limits,
         eagerness: Eagerness | None = None,
         observer: Observer | None = None,
     ) -> None:
         """Prepare an empty batcher on the running event loop.
 
-        `run` is called once per flushed batch and must resolve the future of
+        `run` is called once per started batch and must resolve the future of
         every entry whose future is not done yet.
         """
         self.name = name
-        self.batch_size = batch_size
-        self.batch_timeout = batch_timeout
+        self.limits = limits
         self._run_batch = run
         self._loop = asyncio.get_running_loop()
         self._open: dict[Hashable, Batch[V, R]] = {}
+        self._waiting: deque[Batch[V, R]] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._calls_per_key: Counter[Hashable] = Counter()
+        self._arrivals: dict[Hashable, deque[float]] = {}
         self._closed = False
         self._eagerness = eagerness or Eagerness()
         self._observer = observer
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop it serves."""
+        return self._loop
 
     @property
     def buffered(self) -> int:
@@ -154,22 +224,50 @@ class Batcher(Generic[V, R]):
         """Batches being called now."""
         return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Flushed batches waiting for a call slot."""
+        return len(self._waiting)
+
     def submit(
-        self, key: Hashable, value: V, *, flush_now: bool = False
+        self,
+        key: Hashable,
+        value: V,
+        *,
+        weight: float = 0.0,
+        flush_now: bool = False,
     ) -> Entry[V, R]:
-        """Add one item to the open batch of `key`; flush it if it is full."""
+        """Add one item to the open batch of `key`; flush it if it is full.
+
+        `weight` counts against ``max_weight`` (a finite number >= 0).
+        """
+        limits = self.limits
         batch = self._open.get(key)
+        if (
+            batch is not None
+            and limits.max_weight is not None
+            and batch.weight + weight > limits.max_weight
+        ):
+            self._flush(batch, FlushReason.WEIGHT)
+            batch = None
         if batch is None:
             batch = self._open_batch(key)
-        entry: Entry[V, R] = Entry(value, self._loop.create_future(), batch)
+        entry: Entry[V, R] = Entry(value, self._loop.create_future(), batch, weight)
         if self._observer is not None:
             entry.submitted = self._loop.time()
             self._observer.submitted(self.name)
         batch.entries.append(entry)
+        batch.weight += weight
+        if batch.limits.debounce is not None or batch.limits.adaptive:
+            now = batch.last_joined = self._loop.time()
+            if batch.limits.adaptive:
+                self._arrived(key, now)
         if flush_now:
             self._flush(batch, FlushReason.IMMEDIATE)
-        elif len(batch.entries) >= self.batch_size:
-            self._flush(batch, FlushReason.SIZE)
+        else:
+            reason = self._full(batch)
+            if reason is not None:
+                self._flush(batch, reason)
         return entry
 
     def withdraw(self, entry: Entry[V, R]) -> None:
@@ -182,6 +280,19 @@ class Batcher(Generic[V, R]):
         for batch in list(self._open.values()):
             self._flush(batch, reason)
 
+    def configure(self, limits: Limits) -> None:
+        """Use `limits` from now on.
+
+        Size, weight and call limits apply at once (an open batch at or over
+        a lowered one is flushed now); timing (``batch_timeout``,
+        ``debounce``, ``adaptive``) applies to batches opened from now on.
+        """
+        self.limits = limits
+        for batch in list(self._open.values()):
+            if self._full(batch) is not None:
+                self._flush(batch, FlushReason.RECONFIGURED)
+        self._start_waiting()
+
     def close(self) -> None:
         """Flush everything now and stop waiting for timers from here on."""
         self._closed = True
@@ -192,38 +303,121 @@ class Batcher(Generic[V, R]):
         self._closed = False
 
     async def wait_idle(self) -> None:
-        """Return when no batch is running (batches started meanwhile included)."""
+        """Return when no batch is running or waiting (later ones included)."""
         while self._running:
             await asyncio.wait(set(self._running))
 
     async def drain(self) -> None:
-        """Close, then wait until nothing is buffered or running."""
+        """Close, then wait until nothing is buffered, waiting or running."""
         self.close()
         await self.wait_idle()
 
+    # -- open batches ----------------------------------------------------
+
     def _open_batch(self, key: Hashable) -> Batch[V, R]:
         loop = self._loop
-        batch: Batch[V, R] = Batch(key, loop.time(), contextvars.copy_context())
+        limits = self.limits
+        now = loop.time()
+        batch: Batch[V, R] = Batch(
+            key,
+            now,
+            now + limits.batch_timeout,
+            contextvars.copy_context(),
+            limits,
+        )
         if self._closed:
             batch.timer = loop.call_soon(self._on_timer, batch, FlushReason.SHUTDOWN)
         elif self._eagerness.level:
             batch.timer = loop.call_soon(self._on_timer, batch, FlushReason.MANUAL)
         else:
             batch.timer = loop.call_at(
-                batch.opened_at + self.batch_timeout,
-                self._on_timer,
-                batch,
-                FlushReason.TIMEOUT,
+                self._next_check(batch, now), self._on_timer, batch, None
             )
         self._open[key] = batch
         return batch
 
+    def _full(self, batch: Batch[V, R]) -> FlushReason | None:
+        limits = self.limits
+        if len(batch.entries) >= limits.batch_size:
+            return FlushReason.SIZE
+        if limits.max_weight is not None and batch.weight >= limits.max_weight:
+            return FlushReason.WEIGHT
+        return None
+
     def _is_open(self, batch: Batch[V, R]) -> bool:
         return self._open.get(batch.key) is batch
 
-    def _on_timer(self, batch: Batch[V, R], reason: FlushReason) -> None:
-        if self._is_open(batch):
-            self._flush(batch, reason)
+    def _on_timer(self, batch: Batch[V, R], reason: FlushReason | None) -> None:
+        if not self._is_open(batch):
+            return
+        if reason is None:
+            now = self._loop.time()
+            reason = self._due(batch, now)
+            if reason is None:
+                batch.timer = self._loop.call_at(
+                    self._next_check(batch, now), self._on_timer, batch, None
+                )
+                return
+        self._flush(batch, reason)
+
+    def _due(self, batch: Batch[V, R], now: float) -> FlushReason | None:
+        """Why `batch` is due at `now`, if it is."""
+        now += _EARLY
+        if now >= batch.deadline:
+            return FlushReason.TIMEOUT
+        debounce = batch.limits.debounce
+        if debounce is not None and now >= batch.last_joined + debounce:
+            return FlushReason.DEBOUNCE
+        if batch.limits.adaptive and now >= self._adaptive_due(batch, now):
+            return FlushReason.ADAPTIVE
+        return None
+
+    def _next_check(self, batch: Batch[V, R], now: float) -> float:
+        """The earliest moment `batch` could be due, as far as is known now."""
+        limits = batch.limits
+        when = batch.deadline
+        if limits.debounce is not None:
+            when = min(when, max(batch.opened_at, batch.last_joined) + limits.debounce)
+        if limits.adaptive:
+            when = min(when, self._adaptive_due(batch, now))
+        return when
+
+    def _adaptive_due(self, batch: Batch[V, R], now: float) -> float:
+        """When, at the rates measured until `now`, waiting stops paying off.
+
+        Extrapolating the batch's own n items over its e seconds open, it
+        fills by its deadline while e <= n * batch_timeout / batch_size. At
+        the key's rate k (items per second over the last batch_timeout
+        seconds) it fills while the time left is >= (batch_size - n) / k.
+        """
+        limits = batch.limits
+        size = limits.batch_size
+        n = max(len(batch.entries), 1)
+        own = batch.opened_at + n * limits.batch_timeout / size
+        arrivals = self._arrivals.get(batch.key)
+        if not arrivals:
+            return own
+        _forget(arrivals, now - limits.batch_timeout)
+        rate = len(arrivals) / limits.batch_timeout
+        if rate <= 0:
+            return own
+        return max(own, batch.deadline - (size - n) / rate)
+
+    def _arrived(self, key: Hashable, now: float) -> None:
+        arrivals = self._arrivals.get(key)
+        if arrivals is None:
+            if len(self._arrivals) > 2 * len(self._open) + 64:
+                self._forget_quiet_keys(now)
+            arrivals = self._arrivals[key] = deque()
+        arrivals.append(now)
+        _forget(arrivals, now - self.limits.batch_timeout)
+
+    def _forget_quiet_keys(self, now: float) -> None:
+        since = now - self.limits.batch_timeout
+        for key in [k for k, seen in self._arrivals.items() if seen[-1] < since]:
+            del self._arrivals[key]
+
+    # -- flushed batches -------------------------------------------------
 
     def _flush(self, batch: Batch[V, R], reason: FlushReason) -> None:
         del self._open[batch.key]
@@ -233,10 +427,55 @@ class Batcher(Generic[V, R]):
         batch.reason = reason
         if self._observer is not None:
             self._observer.flushed(self.name, reason, len(batch.entries))
+        if self._waiting or not self._has_slot(batch):
+            self._waiting.append(batch)
+            self._report_waiting()
+            self._start_waiting()
+        else:
+            self._start(batch)
+
+    def _has_slot(self, batch: Batch[V, R]) -> bool:
+        limits = self.limits
+        if limits.max_calls is not None and len(self._running) >= limits.max_calls:
+            return False
+        per_key = limits.max_calls_per_key
+        return per_key is None or self._calls_per_key[batch.key] < per_key
+
+    def _start_waiting(self) -> None:
+        """Start the waiting batches whose slots are free, in flush order."""
+        if not self._waiting:
+            return
+        started = False
+        for batch in list(self._waiting):
+            limits = self.limits
+            if limits.max_calls is not None and len(self._running) >= limits.max_calls:
+                break
+            if self._has_slot(batch):
+                self._waiting.remove(batch)
+                self._start(batch)
+                started = True
+        if started:
+            self._report_waiting()
+
+    def _report_waiting(self) -> None:
+        if self._observer is not None:
+            self._observer.queued(self.name, len(self._waiting))
+
+    def _start(self, batch: Batch[V, R]) -> None:
         task = self._loop.create_task(self._run(batch), context=batch.context)
         batch.task = task
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._calls_per_key[batch.key] += 1
+
+        def ended(task: "asyncio.Task[None]") -> None:
+            self._running.discard(task)
+            calls = self._calls_per_key
+            calls[batch.key] -= 1
+            if calls[batch.key] <= 0:
+                del calls[batch.key]
+            self._start_waiting()
+
+        task.add_done_callback(ended)
 
     async def _run(self, batch: Batch[V, R]) -> None:
         started = self._loop.time()
@@ -279,6 +518,7 @@ class Batcher(Generic[V, R]):
         batch = entry.batch
         if self._is_open(batch):
             batch.entries.remove(entry)
+            batch.weight -= entry.weight
             if self._observer is not None:
                 self._observer.withdrawn(self.name)
             if not batch.entries:
@@ -287,5 +527,16 @@ class Batcher(Generic[V, R]):
                     batch.timer.cancel()
             return
         batch.abandoned += 1
-        if batch.abandoned >= len(batch.entries) and batch.task is not None:
+        if batch.abandoned < len(batch.entries):
+            return
+        if batch.task is not None:
             batch.task.cancel()
+        elif batch in self._waiting:
+            self._waiting.remove(batch)
+            self._report_waiting()
+
+
+def _forget(arrivals: "deque[float]", before: float) -> None:
+    """Drop arrival times earlier than `before` (they are in order)."""
+    while arrivals and arrivals[0] < before:
+        arrivals.popleft()

@@ -53,6 +53,13 @@ class ItemValidationError(BatchTaskError):
     """One item does not match the item annotation; only that item fails."""
 
 
+class ItemExpiredError(BatchTaskError):
+    """An item was sent more than ``max_item_age`` seconds before its call.
+
+    It was not passed to the function; its message is acknowledged as done.
+    """
+
+
 class BatchResultError(BatchTaskError):
     """A call's return value (or `PartialFailure`) does not fit its batch.
 

@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
 
 from batchtask import _checks, _grouping
-from batchtask._batcher import Batcher, Eagerness, FlushReason, Observer, RunBatch
+from batchtask._batcher import (
+    Batcher,
+    Eagerness,
+    FlushReason,
+    Limits,
+    Observer,
+    RunBatch,
+)
 from batchtask._config import BatchConfig
 
 logger = logging.getLogger("batchtask")
@@ -132,16 +139,14 @@ def new_batcher(
     run: RunBatch[V, R],
     *,
     name: str,
-    batch_size: int,
-    batch_timeout: float,
+    limits: Limits,
 ) -> Batcher[V, R]:
     """Create a task's batcher for the running loop and list it there."""
     here = _here()
     batcher = Batcher(
         run,
         name=name,
-        batch_size=batch_size,
-        batch_timeout=batch_timeout,
+        limits=limits,
         eagerness=here.eagerness,
         observer=_observers.get(broker),
     )

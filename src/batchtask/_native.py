@@ -52,7 +52,6 @@ from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.receiver.params_parser import parse_params
 from taskiq.serializers import JSONSerializer
 
-from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._grouping import (
@@ -64,7 +63,8 @@ from batchtask._grouping import (
     store_many,
 )
 from batchtask._outcomes import Outcome
-from batchtask._task import BatchTask, batch_task_of
+from batchtask._shaping import CallPlan, Measured, measure, plan
+from batchtask._task import BatchTask, batch_task_of, report
 
 if TYPE_CHECKING:
     from taskiq.receiver import Receiver
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchtask")
 
 Finished = list[tuple["NativeItem", TaskiqResult[Any]]]
+_UNMEASURED = Measured()
 _Result = TaskiqResult[Any]
 """Subscripted once: pydantic looks the generic up on every subscript."""
 
@@ -92,6 +93,7 @@ class NativeItem:
     unslotted: bool = False
     """Whether it counts among the items waiting without a slot."""
     bound: Any = None
+    measured: Measured = _UNMEASURED
     received: "asyncio.Future[None] | None" = None
     """The ``when_received`` ack round trip this message waits for."""
     ack_error: BaseException | None = None
@@ -251,11 +253,14 @@ class NativePath:
             )
         try:
             item.bound = task.signature.bind(tuple(message.args), message.kwargs)
+            item.measured = measure(
+                task.config, task.task_name, item.bound.item, message.labels
+            )
         except Exception as exc:
             self._spawn(self._end_alone(item, exc))
             return
         batcher = self._batcher_of(task)
-        entry = batcher.submit(item.bound.key, item)
+        entry = batcher.submit(item.bound.key, item, weight=item.measured.weight)
         timeout = message.labels.get("timeout")
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -284,18 +289,11 @@ class NativePath:
     ) -> Batcher[NativeItem, Any]:
         batcher = self._batchers.get(task.task_name)
         if batcher is None:
-            config = task.config
 
             async def run(batch: Batch[NativeItem, Any]) -> None:
                 await self.run(task, batch)
 
-            batcher = self._batchers[task.task_name] = _lifecycle.new_batcher(
-                self.broker,
-                run,
-                name=task.task_name,
-                batch_size=config.batch_size,
-                batch_timeout=config.batch_timeout,
-            )
+            batcher = self._batchers[task.task_name] = task.new_batcher(run)
         return batcher
 
     def _expire(
@@ -349,17 +347,53 @@ class NativePath:
         live = [entry for entry in live if not entry.value.done]
         if not live:
             return
-        items = [entry.value for entry in live]
+        every = [entry.value for entry in live]
+        call = plan(task.config, task.task_name, [item.measured for item in every])
+        outcomes = await self._call(task, every, call)
+        if not call.trivial:
+            await self._ack_left_out(every, call)
+        outcomes = call.spread(len(every), outcomes)
+        report(task, call, outcomes)
+        await self.finish(
+            [
+                (entry.value, outcome)
+                for entry, outcome in zip(live, outcomes, strict=True)
+                if not entry.future.done()  # else its time ran out meanwhile
+            ]
+        )
+
+    async def _call(
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        every: list[NativeItem],
+        call: CallPlan,
+    ) -> list[Outcome]:
+        """The outcomes of the items `call` passes, in call order."""
+        if not call.passed:
+            return []
+        items = [every[index] for index in call.passed]
+        groups = [[every[i] for i in group] for group in call.groups()]
         broker = self.broker
 
         async def ack_indexes(
             indexes: Sequence[int],
         ) -> Sequence[BaseException | None]:
-            return await self.ack_many([items[index] for index in indexes])
+            # A passed item's ack covers its duplicates too.
+            errors = await self.ack_many([i for j in indexes for i in groups[j]])
+            at = 0
+            firsts: list[BaseException | None] = []
+            for j in indexes:
+                group = errors[at : at + len(groups[j])]
+                firsts.append(next((e for e in group if e is not None), None))
+                at += len(groups[j])
+            return firsts
 
         context = BatchContext.of(
             [item.message for item in items],
-            [item.acks.ack if item.acks.is_ackable else None for item in items],
+            [
+                _group_ack(group) if all(i.acks.is_ackable for i in group) else None
+                for group in groups
+            ],
             broker,
             ack_indexes,
         )
@@ -408,16 +442,27 @@ class NativePath:
                 len(items),
                 exc_info=failed[0],
             )
-        observer = _lifecycle.observer_of(broker)
-        if observer is not None and failed:
-            observer.failed(task.task_name, len(failed))
-        await self.finish(
-            [
-                (entry.value, outcome)
-                for entry, outcome in zip(live, outcomes, strict=True)
-                if not entry.future.done()  # else its time ran out meanwhile
-            ]
-        )
+        return outcomes
+
+    async def _ack_left_out(self, every: list[NativeItem], call: CallPlan) -> None:
+        """Under manual acks: ack expired items, and duplicates of acked ones.
+
+        Nobody else would: the function never saw them.
+        """
+        due = [
+            every[index]
+            for index in call.expired
+            if every[index].ack_time is AcknowledgeType.MANUAL
+        ]
+        due += [
+            every[index]
+            for index, original in call.copies.items()
+            if every[index].ack_time is AcknowledgeType.MANUAL
+            and every[original].acks.is_acked
+        ]
+        due = [item for item in due if item.acks.is_ackable and not item.acks.is_acked]
+        if due:
+            await self._ack_logged(due)
 
     # -- results and acks ------------------------------------------------
 
@@ -518,8 +563,10 @@ class NativePath:
             for item, _ in results
             if item.ack_time is when and item.acks.is_ackable
         ]
-        if not due:
-            return
+        if due:
+            await self._ack_logged(due)
+
+    async def _ack_logged(self, due: Sequence[NativeItem]) -> None:
         errors = await self.ack_many(due)
         for item, error in zip(due, errors, strict=True):
             if error is not None:
@@ -579,6 +626,18 @@ class NativePath:
                 await asyncio.wait(set(self._intakes))
             for batcher in self._batchers.values():
                 await (batcher.drain() if drain else batcher.wait_idle())
+
+
+def _group_ack(group: list[NativeItem]) -> Callable[[], Awaitable[None]]:
+    """One passed item's ack: its message's, and its duplicates'."""
+    if len(group) == 1:
+        return group[0].acks.ack
+
+    async def ack() -> None:
+        for item in group:
+            await item.acks.ack()
+
+    return ack
 
 
 async def _each(

@@ -15,7 +15,15 @@ import functools
 import inspect
 import logging
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+import weakref
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Sequence,
+)
 from datetime import datetime, timedelta
 from typing import (
     TYPE_CHECKING,
@@ -25,6 +33,7 @@ from typing import (
     Literal,
     ParamSpec,
     TypeVar,
+    Unpack,
     overload,
 )
 
@@ -44,11 +53,25 @@ from taskiq.scheduler.created_schedule import CreatedSchedule
 from taskiq.utils import maybe_awaitable
 
 from batchtask import _lifecycle
-from batchtask._batcher import Batch, Batcher
+from batchtask._batcher import Batch, Batcher, RunBatch
 from batchtask._bulk import kick_many
-from batchtask._config import BatchConfig, ResultsMode
+from batchtask._config import (
+    BatchConfig,
+    BatchSettings,
+    ResultsMode,
+    misspelled_setting,
+)
 from batchtask._context import BatchContext, merged_injections
+from batchtask._errors import ItemExpiredError
 from batchtask._outcomes import Outcome, settle
+from batchtask._shaping import (
+    CallPlan,
+    Measured,
+    current_labels,
+    measure,
+    plan,
+    stamp_sent_at,
+)
 from batchtask._signature import BatchSignature, BoundItem
 
 if TYPE_CHECKING:
@@ -59,10 +82,17 @@ logger = logging.getLogger("batchtask")
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 CallT = TypeVar("CallT")
+V = TypeVar("V")
 P = ParamSpec("P")
 EntryP = ParamSpec("EntryP")
 
-"""A buffered item: its validated value, and its message's bound arguments."""
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StockItem:
+    """A buffered item on taskiq's own path: its arguments and measurements."""
+
+    bound: BoundItem
+    measured: Measured
 
 
 class BatchKicker(AsyncKicker[EntryP, ResultT]):
@@ -130,8 +160,9 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         self._is_async = _is_async_callable(func)
         self.return_type = _item_return_type(func, config.results)
         self._batchers: dict[
-            asyncio.AbstractEventLoop, tuple[Batcher[BoundItem, Any], bool]
+            asyncio.AbstractEventLoop, tuple[Batcher[StockItem, Any], bool]
         ] = {}
+        self._every_batcher: weakref.WeakSet[Batcher[Any, Any]] = weakref.WeakSet()
 
         registered = broker.register_task(
             self._entry_point(func),
@@ -145,6 +176,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             )
         self.labels: dict[str, Any] = registered.labels
         _lifecycle.watch(broker, self.task_name, config)
+        stamp_sent_at(broker, self.task_name)
         _keep_inmemory_results(broker)
         functools.update_wrapper(self, func)
 
@@ -259,13 +291,22 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         bind = self.signature.bind
         batcher_here = self._batcher
         note_caller = _lifecycle.note_caller
+        task = self
 
         async def entry(*args: Any, **kwargs: Any) -> Any:
             # One message in, that item's outcome out (kept to one coroutine:
             # this runs once per item).
             bound = bind(args, kwargs)
+            measured = measure(
+                task.config, task.task_name, bound.item, current_labels()
+            )
             batcher, in_place = batcher_here()
-            item = batcher.submit(bound.key, bound, flush_now=in_place)
+            item = batcher.submit(
+                bound.key,
+                StockItem(bound, measured),
+                weight=measured.weight,
+                flush_now=in_place,
+            )
             note_caller()
             try:
                 return await item.future
@@ -286,22 +327,54 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         entry.__doc__ = func.__doc__
         return entry
 
-    def _batcher(self) -> tuple[Batcher[BoundItem, Any], bool]:
+    def _batcher(self) -> tuple[Batcher[StockItem, Any], bool]:
         """The running loop's batcher, and whether it runs messages in place."""
         loop = asyncio.get_running_loop()
         found = self._batchers.get(loop)
         if found is None:
             for stale in [known for known in self._batchers if known.is_closed()]:
                 del self._batchers[stale]
-            batcher = _lifecycle.new_batcher(
-                self.broker,
-                self._run_batch,
-                name=self.task_name,
-                batch_size=self.config.batch_size,
-                batch_timeout=self.config.batch_timeout,
-            )
+            batcher = self.new_batcher(self._run_batch)
             found = self._batchers[loop] = (batcher, self._runs_in_place())
         return found
+
+    def new_batcher(self, run: RunBatch[V, Any]) -> Batcher[V, Any]:
+        """A batcher for this task on the running loop, following `reconfigure`."""
+        batcher = _lifecycle.new_batcher(
+            self.broker, run, name=self.task_name, limits=self.config.limits()
+        )
+        self._every_batcher.add(batcher)
+        return batcher
+
+    def reconfigure(self, **changes: Unpack[BatchSettings[ItemT]]) -> None:
+        """Change settings in this process, for batches opened from now on.
+
+        Takes the decorator's settings (not ``results``), checked the same
+        way; ``None`` turns an optional one off. A lowered ``batch_size`` or
+        ``max_weight`` flushes an open batch that has reached it at once,
+        and call limits apply at once; ``batch_timeout``, ``debounce`` and
+        ``adaptive`` apply to batches opened afterwards. Call it on the
+        worker's event loop (a task of the worker, or a handler added with
+        ``loop.add_signal_handler``); from another thread it is handed to
+        each loop that batches this task.
+
+        :raises BatchConfigError: on a bad setting; nothing changes then.
+        """
+        config = self.config.changed(self.task_name, changes)
+        self.config = config
+        limits = config.limits()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for batcher in list(self._every_batcher):
+            loop = batcher.loop
+            if loop.is_closed():
+                continue
+            if loop is running:
+                batcher.configure(limits)
+            else:
+                loop.call_soon_threadsafe(batcher.configure, limits)
 
     def _runs_in_place(self) -> bool:
         broker = self.broker
@@ -324,30 +397,34 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             bisect=self.config.bisect_on_error,
         )
 
-    async def _run_batch(self, batch: Batch[BoundItem, Any]) -> None:
+    async def _run_batch(self, batch: Batch[StockItem, Any]) -> None:
         live = [entry for entry in batch.entries if not entry.future.done()]
         if not live:
             return
-        leader = live[0].value
-        if leader.injected:
-            # A Context or BatchContext stands for the whole call.
-            leader = leader._replace(
-                injected=merged_injections([entry.value.injected for entry in live])
-            )
-        outcomes = await self.outcomes([entry.value.item for entry in live], leader)
-        context = next(
-            (v for v in leader.injected.values() if isinstance(v, BatchContext)), None
+        call = plan(
+            self.config, self.task_name, [entry.value.measured for entry in live]
         )
-        if context is not None:
-            outcomes = [
-                Outcome(override) if (override := context.override(i)) else outcome
-                for i, outcome in enumerate(outcomes)
-            ]
-        observer = _lifecycle.observer_of(self.broker)
-        if observer is not None:
-            failed = sum(outcome.error is not None for outcome in outcomes)
-            if failed:
-                observer.failed(self.task_name, failed)
+        passed = [live[index].value.bound for index in call.passed]
+        outcomes: list[Outcome] = []
+        if passed:
+            leader = passed[0]
+            if leader.injected:
+                # A Context or BatchContext stands for the whole call.
+                leader = leader._replace(
+                    injected=merged_injections([bound.injected for bound in passed])
+                )
+            outcomes = await self.outcomes([bound.item for bound in passed], leader)
+            context = next(
+                (v for v in leader.injected.values() if isinstance(v, BatchContext)),
+                None,
+            )
+            if context is not None:
+                outcomes = [
+                    Outcome(override) if (override := context.override(i)) else outcome
+                    for i, outcome in enumerate(outcomes)
+                ]
+        outcomes = call.spread(len(live), outcomes)
+        report(self, call, outcomes)
         for entry, outcome in zip(live, outcomes, strict=True):
             if entry.future.done():
                 continue
@@ -441,6 +518,14 @@ def batch_task(
     batch_timeout: float,
     results: Literal["shared"] = "shared",
     bisect_on_error: bool = False,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrent_calls: int | None = None,
+    max_concurrent_calls_per_key: int | None = None,
+    debounce: float | None = None,
+    max_item_age: float | None = None,
+    dedup_key: Callable[[Any], Hashable] | None = None,
+    adaptive: bool = False,
     task_name: str | None = None,
     **labels: Any,
 ) -> _SharedDecorator: ...
@@ -454,6 +539,14 @@ def batch_task(
     batch_timeout: float,
     results: Literal["per_item"],
     bisect_on_error: bool = False,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrent_calls: int | None = None,
+    max_concurrent_calls_per_key: int | None = None,
+    debounce: float | None = None,
+    max_item_age: float | None = None,
+    dedup_key: Callable[[Any], Hashable] | None = None,
+    adaptive: bool = False,
     task_name: str | None = None,
     **labels: Any,
 ) -> _PerItemDecorator: ...
@@ -466,6 +559,14 @@ def batch_task(
     batch_timeout: float,
     results: ResultsMode = "shared",
     bisect_on_error: bool = False,
+    max_weight: float | None = None,
+    weight: Callable[[Any], float] | None = None,
+    max_concurrent_calls: int | None = None,
+    max_concurrent_calls_per_key: int | None = None,
+    debounce: float | None = None,
+    max_item_age: float | None = None,
+    dedup_key: Callable[[Any], Hashable] | None = None,
+    adaptive: bool = False,
     task_name: str | None = None,
     **labels: Any,
 ) -> _SharedDecorator | _PerItemDecorator:
@@ -485,16 +586,44 @@ def batch_task(
         value; ``"per_item"``: the call returns one result per item, in order.
     :param bisect_on_error: when a call raises, call each half again until the
         failing items are isolated (the function must be safe to repeat).
+    :param max_weight: the most the `weight` of one call's items may add up
+        to; a batch is called when the next item would exceed it (which then
+        opens the next batch), and an item heavier than this runs alone.
+    :param weight: one validated item's weight (a finite number >= 0, e.g.
+        its tokens or bytes); an item whose weight fails fails alone.
+    :param max_concurrent_calls: most calls of this task running at once in
+        one worker process; full batches wait their turn in order.
+    :param max_concurrent_calls_per_key: the same for the calls of one group
+        key (other keys run meanwhile).
+    :param debounce: also call a batch once no item joined it for this many
+        seconds (below `batch_timeout`, which stays the hard bound).
+    :param max_item_age: an item sent more than this many seconds before its
+        batch is called fails with `ItemExpiredError` instead of being passed
+        (its message is acknowledged as done).
+    :param dedup_key: items of one call with equal keys are passed once (the
+        latest of them); each duplicate gets that item's outcome.
+    :param adaptive: call a batch early when its key's measured arrival rate
+        says waiting will not fill it (never later than `batch_timeout`).
     :param task_name: taskiq task name; defaults to ``module:function``.
-    :param labels: taskiq labels, as for ``broker.task(...)``.
+    :param labels: taskiq labels, as for ``broker.task(...)``; a name within
+        two letters of a setting's is refused (a typo would lose the setting).
     :raises BatchConfigError: on a bad setting or a function that cannot batch.
     """
+    misspelled_setting(task_name, labels)
     config = BatchConfig.checked(
         task=task_name,
         batch_size=batch_size,
         batch_timeout=batch_timeout,
         results=results,
         bisect_on_error=bisect_on_error,
+        max_weight=max_weight,
+        weight=weight,
+        max_concurrent_calls=max_concurrent_calls,
+        max_concurrent_calls_per_key=max_concurrent_calls_per_key,
+        debounce=debounce,
+        max_item_age=max_item_age,
+        dedup_key=dedup_key,
+        adaptive=adaptive,
     )
     if config.results == "per_item":
         return _PerItemDecorator(broker, config, task_name, labels)
@@ -513,6 +642,25 @@ def batch_task_of(
     if isinstance(owner, BatchTask):
         return typing.cast("BatchTask[Any, ..., ..., Any, Any]", owner)
     return None
+
+
+def report(
+    task: BatchTask[Any, ..., ..., Any, Any], call: CallPlan, outcomes: list[Outcome]
+) -> None:
+    """Tell the broker's metrics about a finished call."""
+    observer = _lifecycle.observer_of(task.broker)
+    if observer is None:
+        return
+    failed = sum(
+        outcome.error is not None and not isinstance(outcome.error, ItemExpiredError)
+        for outcome in outcomes
+    )
+    if failed:
+        observer.failed(task.task_name, failed)
+    if call.expired:
+        observer.expired(task.task_name, len(call.expired))
+    if call.copies:
+        observer.deduplicated(task.task_name, len(call.copies))
 
 
 def _default_task_name(func: Callable[..., Any]) -> str:

@@ -12,12 +12,21 @@ Metrics, each labelled ``task_name`` like taskiq's (names without a prefix,
 as taskiq's ``received_tasks`` or ``execution_time``):
 
 - ``batch_flushes{task_name, reason}`` (counter): batches called, by why:
-  ``size``, ``timeout``, ``shutdown``, ``manual`` (``flush_all``),
-  ``immediate`` (``InMemoryBroker(await_inplace=True)``);
+  ``size``, ``weight`` (``max_weight``), ``timeout``, ``debounce``,
+  ``adaptive``, ``shutdown``, ``manual`` (``flush_all``), ``immediate``
+  (``InMemoryBroker(await_inplace=True)``), ``reconfigured`` (a lowered
+  limit in ``reconfigure``);
 - ``batch_size`` (histogram): items per call;
 - ``batch_item_wait`` (histogram, seconds): from an item entering its buffer
   to the start of its call;
-- ``batch_items_failed`` (counter): items whose outcome was an error;
+- ``batch_items_failed`` (counter): items whose outcome was an error
+  (expired items not included);
+- ``batch_items_expired`` (counter): items older than ``max_item_age``,
+  failed with ``ItemExpiredError`` instead of being passed;
+- ``batch_items_deduplicated`` (counter): items folded into an item with an
+  equal ``dedup_key`` in the same call;
+- ``batch_calls_waiting`` (gauge): flushed batches waiting for a call slot
+  (``max_concurrent_calls`` / ``max_concurrent_calls_per_key``);
 - ``batch_items_buffered`` (gauge): items waiting in buffers now (summed
   over the worker's live processes).
 
@@ -84,6 +93,25 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
             ["task_name"],
             registry=target,
         )
+        self.expired_items = Counter(
+            "batch_items_expired",
+            "Items older than max_item_age, not passed to the function",
+            ["task_name"],
+            registry=target,
+        )
+        self.deduplicated_items = Counter(
+            "batch_items_deduplicated",
+            "Items folded into an item with an equal dedup_key",
+            ["task_name"],
+            registry=target,
+        )
+        self.calls_waiting = Gauge(
+            "batch_calls_waiting",
+            "Flushed batches waiting for a call slot",
+            ["task_name"],
+            multiprocess_mode="livesum",
+            registry=target,
+        )
         self.buffered = Gauge(
             "batch_items_buffered",
             "Items waiting in buffers now",
@@ -120,3 +148,15 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
     def failed(self, task: str, items: int) -> None:
         """`items` items of one call ended with an error."""
         self.failures.labels(task).inc(items)
+
+    def queued(self, task: str, batches: int) -> None:
+        """`batches` flushed batches of `task` now wait for a call slot."""
+        self.calls_waiting.labels(task).set(batches)
+
+    def expired(self, task: str, items: int) -> None:
+        """`items` items were too old to pass."""
+        self.expired_items.labels(task).inc(items)
+
+    def deduplicated(self, task: str, items: int) -> None:
+        """`items` items were folded into an equal one."""
+        self.deduplicated_items.labels(task).inc(items)

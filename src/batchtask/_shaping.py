@@ -1,0 +1,239 @@
+"""Per-item settings around a call: weight, dedup key and age; who gets called.
+
+On arrival (`measure`) an item's ``weight`` and ``dedup_key`` are computed,
+so a function that raises fails that item alone, before it joins a batch.
+When the batch is called (`plan`), items older than ``max_item_age`` end
+with `ItemExpiredError` and items with equal dedup keys are passed once;
+`CallPlan.spread` gives every item of the batch the outcome it gets.
+"""
+
+import contextvars
+import math
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
+
+from batchtask._config import BatchConfig
+from batchtask._errors import ItemExpiredError, ItemValidationError
+from batchtask._outcomes import Outcome
+
+SENT_AT: Final = "batchtask_sent_at"
+"""The label in which ``kiq`` stamps the send time (Unix seconds)."""
+
+
+class Unique:
+    """The dedup key of an item that has none: equal to nothing else."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the task's settings measured of one item on arrival."""
+
+    weight: float = 0.0
+    dedup: Hashable = None
+    """Its dedup key, or a `Unique` when the task has no ``dedup_key``."""
+    sent_at: float = 0.0
+    """Unix time it was sent (or received, for a message without the label)."""
+
+
+def measure(
+    config: BatchConfig,
+    task_name: str,
+    item: Any,
+    labels: Mapping[str, Any] | None,
+) -> Measured:
+    """Weigh and key one validated item; stamp when it was sent.
+
+    :raises ItemValidationError: if ``weight`` or ``dedup_key`` raised or
+        returned something unusable (only this item fails).
+    """
+    weight = 0.0
+    if config.weight is not None:
+        weight = _weigh(config, task_name, item)
+    dedup: Hashable = Unique()
+    if config.dedup_key is not None:
+        dedup = _key(config, task_name, item)
+    return Measured(weight, dedup, sent_at(labels))
+
+
+def sent_at(labels: Mapping[str, Any] | None) -> float:
+    """The send time a message's labels carry, else now (its arrival)."""
+    if labels is not None:
+        stamp = labels.get(SENT_AT)
+        if stamp is not None:
+            try:
+                value = float(stamp)
+            except (TypeError, ValueError):
+                value = math.nan
+            if math.isfinite(value):
+                return value
+    return time.time()
+
+
+def _weigh(config: BatchConfig, task_name: str, item: Any) -> float:
+    weigh = config.weight
+    assert weigh is not None
+    try:
+        weight = cast("object", weigh(item))
+    except Exception as exc:
+        raise ItemValidationError(
+            message=f"batch task {task_name!r}: weight={_name(weigh)} raised "
+            f"{exc!r} for this item; the item fails alone. Fix: make the "
+            "weight function accept every item, or validate items earlier",
+        ) from exc
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ItemValidationError(
+            message=f"batch task {task_name!r}: weight={_name(weigh)} returned "
+            f"{weight!r} for this item, not a finite number >= 0; the item "
+            "fails alone. Fix: return the item's weight, e.g. its token count",
+        )
+    return float(weight)
+
+
+def _key(config: BatchConfig, task_name: str, item: Any) -> Hashable:
+    key_of = config.dedup_key
+    assert key_of is not None
+    try:
+        key = key_of(item)
+        hash(key)
+    except Exception as exc:
+        raise ItemValidationError(
+            message=f"batch task {task_name!r}: dedup_key={_name(key_of)} "
+            f"failed for this item ({exc!r}); the item fails alone. Fix: "
+            "return a hashable key (a str, an int, a tuple of them) for every item",
+        ) from exc
+    return key
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPlan:
+    """Which of a batch's items the function gets, and what the others get."""
+
+    passed: list[int]
+    """Indexes (in the batch) of the items passed, in call order."""
+    expired: dict[int, ItemExpiredError]
+    """Items too old to pass, with their error."""
+    copies: dict[int, int]
+    """A duplicate's index -> the index of the item passed in its place."""
+
+    @property
+    def trivial(self) -> bool:
+        """Whether every item is passed as it is."""
+        return not self.expired and not self.copies
+
+    def spread(self, size: int, outcomes: Sequence[Outcome]) -> list[Outcome]:
+        """Every item's outcome, from the outcomes of the passed items."""
+        if self.trivial:
+            return list(outcomes)
+        found: list[Outcome | None] = [None] * size
+        for index, outcome in zip(self.passed, outcomes, strict=True):
+            found[index] = outcome
+        for index, error in self.expired.items():
+            found[index] = Outcome(error)
+        for index, original in self.copies.items():
+            found[index] = found[original]
+        return [outcome for outcome in found if outcome is not None]
+
+    def groups(self) -> list[list[int]]:
+        """Per passed item, its index and its duplicates' (for acks)."""
+        group = {index: [index] for index in self.passed}
+        for index, original in self.copies.items():
+            group[original].append(index)
+        return [group[index] for index in self.passed]
+
+
+def plan(config: BatchConfig, task_name: str, measured: Sequence[Measured]) -> CallPlan:
+    """Decide which items a call gets: not too old, one per dedup key."""
+    expired: dict[int, ItemExpiredError] = {}
+    max_age = config.max_item_age
+    if max_age is not None:
+        now = time.time()
+        for index, seen in enumerate(measured):
+            age = now - seen.sent_at
+            if age > max_age:
+                expired[index] = ItemExpiredError(
+                    message=f"batch task {task_name!r}: this item was sent "
+                    f"{age:.1f}s before its batch was called, more than "
+                    f"max_item_age={max_age:g}; it was not passed to the function",
+                )
+    if config.dedup_key is None:
+        passed = [index for index in range(len(measured)) if index not in expired]
+        return CallPlan(passed, expired, {})
+    latest: dict[Hashable, int] = {}
+    for index, seen in enumerate(measured):
+        if index not in expired:
+            latest[seen.dedup] = index
+    copies = {
+        index: latest[seen.dedup]
+        for index, seen in enumerate(measured)
+        if index not in expired and latest[seen.dedup] != index
+    }
+    return CallPlan(sorted(latest.values()), expired, copies)
+
+
+_labels: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "batchtask_labels", default=None
+)
+
+
+def current_labels() -> Mapping[str, Any] | None:
+    """On taskiq's own path: the labels of the message being run, if known."""
+    return _labels.get()
+
+
+class SentAtMiddleware(TaskiqMiddleware):
+    """Stamps a batch task's messages with their send time as they are sent.
+
+    `batch_task` adds it to its broker once. ``pre_send`` runs for ``kiq``,
+    ``kiq_many`` and taskiq's scheduler as each message is sent (not when a
+    schedule is made), so the stamp is the time of sending.
+    """
+
+    def __init__(self) -> None:
+        """Stamp the messages of no task yet (`stamp` adds task names)."""
+        super().__init__()
+        self.task_names: set[str] = set()
+
+    def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Stamp `message` if it is a batch task's and has no stamp yet."""
+        if message.task_name in self.task_names and SENT_AT not in message.labels:
+            message.labels[SENT_AT] = f"{time.time():.3f}"
+        return message
+
+
+def stamp_sent_at(broker: AsyncBroker, task_name: str) -> None:
+    """Have `broker` stamp the messages of `task_name` as they are sent."""
+    for middleware in broker.middlewares:
+        if isinstance(middleware, SentAtMiddleware):
+            middleware.task_names.add(task_name)
+            return
+    stamping = SentAtMiddleware()
+    stamping.task_names.add(task_name)
+    broker.add_middlewares(stamping)
+
+
+class LabelsMiddleware(TaskiqMiddleware):
+    """Lets an entry point on taskiq's path read its message's labels.
+
+    taskiq runs ``pre_execute`` and then the task in one asyncio task, so the
+    labels set here are the ones the entry point sees.
+    """
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Note the message's labels for the task about to run."""
+        _labels.set(message.labels)
+        return message
