@@ -87,7 +87,7 @@ class BatchConfig:
             raise _bad(
                 task,
                 "max_weight",
-                checked["max_weight"],
+                settings["max_weight"],
                 "needs weight=, the function that gives one item's weight",
                 "pass e.g. weight=lambda doc: doc.tokens",
             )
@@ -96,8 +96,8 @@ class BatchConfig:
             raise _bad(
                 task,
                 "debounce",
-                debounce,
-                f"must be below batch_timeout={checked['batch_timeout']!r}, "
+                settings["debounce"],
+                f"must be below batch_timeout={settings['batch_timeout']!r}, "
                 "which stays the hard bound on an item's wait",
                 "pass a shorter debounce or a longer batch_timeout",
             )
@@ -140,7 +140,7 @@ def misspelled_setting(task: str | None, labels: Mapping[str, object]) -> None:
     for label in labels:
         lowered = label.lower()
         for setting in (*SETTINGS, "task_name"):
-            if lowered != setting and _edits(lowered, setting) <= _TYPO_EDITS:
+            if label != setting and _edits(lowered, setting) <= _TYPO_EDITS:
                 raise _bad(
                     task,
                     label,

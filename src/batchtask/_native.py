@@ -63,7 +63,13 @@ from batchtask._grouping import (
     store_many,
 )
 from batchtask._outcomes import Outcome
-from batchtask._shaping import CallPlan, Measured, measure, plan
+from batchtask._shaping import (
+    CallPlan,
+    Measured,
+    SendTimeMiddleware,
+    measure,
+    plan,
+)
 from batchtask._task import BatchTask, batch_task_of, report
 
 if TYPE_CHECKING:
@@ -700,7 +706,13 @@ def _overriding(
 ) -> list[TaskiqMiddleware]:
     """The middlewares that define `hook`, in the order given."""
     base = getattr(TaskiqMiddleware, hook)
-    return [m for m in middlewares if getattr(type(m), hook) is not base]
+    return [
+        m
+        for m in middlewares
+        if getattr(type(m), hook) is not base
+        # It notes labels for taskiq's path; this path reads them itself.
+        and not isinstance(m, SendTimeMiddleware)
+    ]
 
 
 def _name_filter(broker: AsyncBroker) -> tuple[bytes, ...] | None:

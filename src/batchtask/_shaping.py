@@ -191,49 +191,46 @@ _labels: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextV
 
 
 def current_labels() -> Mapping[str, Any] | None:
-    """On taskiq's own path: the labels of the message being run, if known."""
+    """On taskiq's own path: the labels of the batch task message being run."""
     return _labels.get()
 
 
-class SentAtMiddleware(TaskiqMiddleware):
-    """Stamps a batch task's messages with their send time as they are sent.
+class SendTimeMiddleware(TaskiqMiddleware):
+    """Stamps a batch task's messages with their send time, and reads it back.
 
-    `batch_task` adds it to its broker once. ``pre_send`` runs for ``kiq``,
+    `batch_task` adds one to its broker. ``pre_send`` runs for ``kiq``,
     ``kiq_many`` and taskiq's scheduler as each message is sent (not when a
-    schedule is made), so the stamp is the time of sending.
+    schedule is made), so the stamp is the time of sending. On taskiq's own
+    path ``pre_execute`` runs in the asyncio task that then runs the entry
+    point, so the labels it notes are the ones the entry point reads (the
+    batch-native path reads each message's labels itself).
     """
 
     def __init__(self) -> None:
-        """Stamp the messages of no task yet (`stamp` adds task names)."""
+        """Serve no task yet (`stamp_send_time` adds task names)."""
         super().__init__()
         self.task_names: set[str] = set()
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         """Stamp `message` if it is a batch task's and has no stamp yet."""
         if message.task_name in self.task_names and SENT_AT not in message.labels:
+            # A string: some brokers carry labels as headers (NATS).
             message.labels[SENT_AT] = f"{time.time():.3f}"
         return message
 
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Note a batch task message's labels for its entry point."""
+        if message.task_name in self.task_names:
+            _labels.set(message.labels)
+        return message
 
-def stamp_sent_at(broker: AsyncBroker, task_name: str) -> None:
+
+def stamp_send_time(broker: AsyncBroker, task_name: str) -> None:
     """Have `broker` stamp the messages of `task_name` as they are sent."""
     for middleware in broker.middlewares:
-        if isinstance(middleware, SentAtMiddleware):
+        if isinstance(middleware, SendTimeMiddleware):
             middleware.task_names.add(task_name)
             return
-    stamping = SentAtMiddleware()
+    stamping = SendTimeMiddleware()
     stamping.task_names.add(task_name)
     broker.add_middlewares(stamping)
-
-
-class LabelsMiddleware(TaskiqMiddleware):
-    """Lets an entry point on taskiq's path read its message's labels.
-
-    taskiq runs ``pre_execute`` and then the task in one asyncio task, so the
-    labels set here are the ones the entry point sees.
-    """
-
-    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        """Note the message's labels for the task about to run."""
-        _labels.set(message.labels)
-        return message

@@ -70,7 +70,7 @@ from batchtask._shaping import (
     current_labels,
     measure,
     plan,
-    stamp_sent_at,
+    stamp_send_time,
 )
 from batchtask._signature import BatchSignature, BoundItem
 
@@ -176,7 +176,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             )
         self.labels: dict[str, Any] = registered.labels
         _lifecycle.watch(broker, self.task_name, config)
-        stamp_sent_at(broker, self.task_name)
+        stamp_send_time(broker, self.task_name)
         _keep_inmemory_results(broker)
         functools.update_wrapper(self, func)
 
