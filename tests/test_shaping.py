@@ -412,13 +412,14 @@ def test_reconfigure_checks_like_the_decorator_and_changes_nothing_on_error() ->
     @batch_task(broker, batch_size=10, batch_timeout=1.0, task_name="t:save")
     async def save(items: list[int]) -> None: ...
 
-    with pytest.raises(BatchConfigError, match="batch task 't:save': debounce=1.5"):
+    with pytest.raises(BatchConfigError, match=r"batch task 't:save': debounce=1\.5"):
         save.reconfigure(debounce=1.5)
     with pytest.raises(BatchConfigError, match="batch_timout=3 is not a batch setting"):
         save.reconfigure(batch_timout=3)  # type: ignore[call-arg]  # the typo is the point
     with pytest.raises(BatchConfigError, match="results='per_item' cannot change"):
         save.reconfigure(results="per_item")  # type: ignore[call-arg]  # not a setting of reconfigure
-    assert save.config.batch_size == 10 and save.config.debounce is None
+    assert save.config.batch_size == 10
+    assert save.config.debounce is None
     save.reconfigure(max_weight=5, weight=lambda n: n)
     assert save.config.max_weight == 5.0
     save.reconfigure(max_weight=None)
@@ -467,7 +468,8 @@ async def test_adaptive_calls_a_trickle_early_and_a_burst_full() -> None:
     started = loop.time()
     trickle = [batcher.submit("k", n) for n in range(3)]
     await within(asyncio.gather(*(e.future for e in trickle)))
-    assert sizes == [3] and reasons == [FlushReason.ADAPTIVE]
+    assert sizes == [3]
+    assert reasons == [FlushReason.ADAPTIVE]
     assert loop.time() - started < 1.0, "long before batch_timeout"
 
     burst = [batcher.submit("k", n) for n in range(1000)]
