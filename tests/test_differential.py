@@ -16,6 +16,7 @@ ack types on real brokers and workers.
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -374,6 +375,82 @@ def retried(broker: AsyncBroker) -> Any:
     return flaky
 
 
+def weighed(broker: AsyncBroker) -> Any:
+    def weight(n: int) -> float:
+        if n == 3:
+            raise ValueError("3 cannot be weighed")
+        return n
+
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        max_weight=9,
+        weight=weight,
+        task_name="t",
+    )
+    async def save(items: list[int]) -> list[str]:
+        return [f"{n} with {sum(items)}" for n in items]
+
+    return save
+
+
+def deduplicated(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=5,
+        batch_timeout=0.05,
+        results="per_item",
+        dedup_key=lambda n: n % 3,
+        task_name="t",
+    )
+    async def save(items: list[int]) -> list[str]:
+        if 7 in items:
+            raise PartialFailure({items.index(7): ValueError("no 7")}, results=items)
+        return [f"{n} of {items}" for n in items]
+
+    return save
+
+
+def aged(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        max_item_age=60,
+        task_name="t",
+    )
+    async def save(items: list[int]) -> list[str]:
+        return [f"{n} of {items}" for n in items]
+
+    return save
+
+
+def limited(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=2,
+        batch_timeout=0.05,
+        results="per_item",
+        max_concurrent_calls=1,
+        max_concurrent_calls_per_key=1,
+        debounce=0.02,
+        adaptive=True,
+        task_name="t",
+    )
+    async def save(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        return [n * 2 for n in items]
+
+    return save
+
+
+def _sent_long_ago() -> str:
+    return str(time.time() - 600)
+
+
 N = list(range(10))
 
 SCENARIOS = [
@@ -412,6 +489,18 @@ SCENARIOS = [
         kiq_labels={1: {"timeout": 0.1}},
     ),
     Scenario("graceful shutdown", waits_long, N, shutdown=True),
+    Scenario("weights, one that fails", weighed, N),
+    Scenario("dedup_key, a failing duplicate", deduplicated, N),
+    Scenario(
+        "max_item_age",
+        aged,
+        N,
+        kiq_labels={
+            1: {"batchtask_sent_at": _sent_long_ago},
+            6: {"batchtask_sent_at": _sent_long_ago},
+        },
+    ),
+    Scenario("call limits, debounce, adaptive", limited, N),
     Scenario(
         "retries of single items",
         retried,
@@ -431,7 +520,10 @@ async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
     await broker.startup()
     for index, item in enumerate(scenario.items):
         kicker = task.kicker().with_task_id(f"m{index}")
-        labels = dict(scenario.kiq_labels.get(index, {}))
+        labels = {
+            name: value() if callable(value) else value
+            for name, value in scenario.kiq_labels.get(index, {}).items()
+        }
         if scenario.ack_type is not None:
             labels["ack_type"] = scenario.ack_type
         if labels:

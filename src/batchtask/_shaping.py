@@ -167,7 +167,7 @@ def plan(config: BatchConfig, task_name: str, measured: Sequence[Measured]) -> C
             if age > max_age:
                 expired[index] = ItemExpiredError(
                     message=f"batch task {task_name!r}: this item was sent "
-                    f"{age:.1f}s before its batch was called, more than "
+                    f"{age:.0f}s before its batch was called, more than "
                     f"max_item_age={max_age:g}; it was not passed to the function",
                 )
     if config.dedup_key is None:
