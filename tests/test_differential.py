@@ -625,3 +625,39 @@ async def test_the_native_path_resolves_dependencies_once_per_call() -> None:
     assert sorted(closed, key=str) == [None, None, "ValueError"]
     assert [r.return_value for r in results[:5]] == [results[0].return_value] * 5
     assert results[-1].is_err
+
+
+def manual_dedup(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        ack_type="manual",
+        dedup_key=lambda n: n,
+        max_item_age=60,
+        task_name="t",
+    )
+    async def acks_ones(items: list[int], ctx: BatchContext = TaskiqDepends()) -> None:
+        assert [m.args[0] for m in ctx.messages] == items
+        await ctx.ack_item(items.index(1))
+
+    return acks_ones
+
+
+async def test_under_manual_acks_the_native_path_acks_what_the_function_never_saw() -> (
+    None
+):
+    # m0=1 and m2=1 share a key (m2 is passed), m1=2 is never acked by the
+    # function, m3=3 is too old to pass.
+    scenario = Scenario(
+        "manual acks, dedup, expiry",
+        manual_dedup,
+        [1, 2, 1, 3],
+        kiq_labels={3: {"batchtask_sent_at": _sent_long_ago}},
+        ack_type="manual",
+        settle=0.1,
+    )
+    log = await run(scenario, BatchReceiver)
+    acked = sorted(key for key, events in log.items() if ("ack",) in events)
+    assert acked == ["m0#1", "m2#1", "m3#1"]
+    assert all(events.count(("ack",)) <= 1 for events in log.values())
