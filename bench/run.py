@@ -18,7 +18,9 @@ printing its own table:
 - ``kiq_many.py``: producer side, ``kiq_many`` vs a loop of ``kiq``;
 - ``machinery.py``: in-process cost per item (also BatchReceiver's native
   path);
-- ``latency.py``: kiq to stored result for a trickle.
+- ``latency.py``: kiq to stored result for a trickle;
+- ``adaptive.py``: ``adaptive=True`` vs a fixed ``batch_timeout`` (2 s,
+  batch_size 100, a 5 ms call): a trickle's latency and a burst's batches.
 
 Then prints one table of the goals, each a ratio measured side by side in
 this run (of the medians over interleaved rounds; the detail gives the lowest
@@ -35,6 +37,9 @@ and highest ratio within one round):
 5. ``machinery.py``'s ``native_delta_ratio`` (what a batched item on the
    native path adds over taskiq's own per-message cost) <= 0.25x (the
    machinery alone and through the stock receiver reported too);
+6. ``adaptive=True``: a trickle (one item every 50 ms) has a median kiq to
+   result latency < 100 ms, and a burst of 2,000 items ``kiq_many`` has a
+   mean batch size (items / calls) >= 90 (both reported without adaptive);
 
 and, as "also:" rows, the 2 ms lock checks, ``kiq_many`` and the trickle
 latency. Writes every figure to ``bench/results/summary.json`` (each
@@ -363,6 +368,33 @@ def goals(figures: dict[str, Any]) -> list[dict[str, Any]]:
             (">=", 5),
         )
     )
+    adaptive = figures["adaptive"]
+    for mode, target in (("adaptive", ("<=", 100.0)), ("fixed", None)):
+        trickle = adaptive["trickle"][mode]
+        rows.append(
+            row(
+                f"6. {'' if target else 'also: '}trickle 50 ms, adaptive="
+                f"{mode == 'adaptive'}: median latency (ms)",
+                trickle["p50_s"] * 1000,
+                target,
+                f"p90 {trickle['p90_s'] * 1000:.1f} ms, "
+                f"max {trickle['max_s'] * 1000:.1f} ms, "
+                f"{trickle['calls']} calls",
+                unit=" ms",
+            )
+        )
+    for mode, target in (("adaptive", (">=", 90.0)), ("fixed", None)):
+        burst = adaptive["burst"][mode]
+        rows.append(
+            row(
+                f"6. {'' if target else 'also: '}burst of {burst['items']:,}, "
+                f"adaptive={mode == 'adaptive'}: mean batch size",
+                burst["mean_batch_size"],
+                target,
+                f"{burst['items']} items / {burst['calls']} calls",
+                unit=" items",
+            )
+        )
     latency = figures["latency"]
     bound_ms = latency["bound_s"] * 1000
     rows.append(
@@ -536,6 +568,14 @@ def main() -> int:
         "--json",
         str(RESULTS / "latency.json"),
     )
+    step(
+        "6 adaptive",
+        "adaptive.py",
+        "--trickle-items",
+        "50" if args.quick else "200",
+        "--json",
+        str(RESULTS / "adaptive.json"),
+    )
     figures = {
         "drain": drain_rates(load("drain.json")),
         "drain_rounds": drain_rounds(load("drain.json")),
@@ -545,6 +585,7 @@ def main() -> int:
         "kiq_many": load("kiq-many.json"),
         "machinery": load("machinery.json"),
         "latency": load("latency.json"),
+        "adaptive": load("adaptive.json"),
     }
     rows = goals(figures)
     print_goals(rows)

@@ -31,6 +31,13 @@ def test_readme_programs_run(program: str) -> None:
     assert done.returncode == 0, done.stderr
     if "ctx.messages[i]" in program:
         assert done.stdout.splitlines() == ["['a@web', 'b@cli', 'c@web']"]
+    if "embed(docs" in program:
+        assert done.stdout.splitlines() == [
+            "mini: [2, 1]",
+            "mini: [3]",
+            "mini: [4]",
+            "1:a b c 1:a b c",
+        ]
     if "shout" in program:
         assert done.stdout.splitlines() == [
             "writing 100 rows to events (upsert=False)",
