@@ -1,0 +1,1 @@
+"""One module per thing the plugin checks or types (see the package docstring)."""
