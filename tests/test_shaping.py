@@ -476,3 +476,21 @@ async def test_adaptive_calls_a_trickle_early_and_a_burst_full() -> None:
     await within(asyncio.gather(*(e.future for e in burst)))
     assert sizes[1:] == [100] * 10
     await batcher.drain()
+
+
+async def test_reconfigure_from_another_thread_reaches_the_worker_loop(
+    broker: InMemoryBroker,
+) -> None:
+    calls: list[list[int]] = []
+
+    @batch_task(broker, batch_size=100, batch_timeout=30)
+    async def save(items: list[int]) -> None:
+        calls.append(items)
+
+    for n in range(4):
+        await save.kiq(n)
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(save.reconfigure, batch_size=2)
+    await within(broker.wait_all())
+    assert calls == [[0, 1, 2, 3]]
+    assert save.config.batch_size == 2
