@@ -494,3 +494,22 @@ async def test_reconfigure_from_another_thread_reaches_the_worker_loop(
     await within(broker.wait_all())
     assert calls == [[0, 1, 2, 3]]
     assert save.config.batch_size == 2
+
+
+async def test_items_buffered_before_dedup_key_was_set_are_passed_each(
+    broker: InMemoryBroker,
+) -> None:
+    seen: list[list[int]] = []
+
+    @batch_task(broker, batch_size=100, batch_timeout=0.3)
+    async def save(items: list[int]) -> int:
+        seen.append(items)
+        return len(items)
+
+    tasks = [await save.kiq(n) for n in (1, 1)]
+    await asyncio.sleep(0.05)
+    save.reconfigure(dedup_key=lambda n: n)
+    tasks += [await save.kiq(n) for n in (1, 1)]
+    results = await within(asyncio.gather(*(t.wait_result(timeout=10) for t in tasks)))
+    assert seen == [[1, 1, 1]], "the two keyless items, then one for the keyed pair"
+    assert [r.return_value for r in results] == [3, 3, 3, 3]

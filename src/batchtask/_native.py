@@ -64,11 +64,13 @@ from batchtask._grouping import (
 )
 from batchtask._outcomes import Outcome
 from batchtask._shaping import (
+    PLAIN,
     CallPlan,
     Measured,
     SendTimeMiddleware,
     measure,
     plan,
+    sent_at,
 )
 from batchtask._task import BatchTask, batch_task_of, report
 
@@ -78,7 +80,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("batchtask")
 
 Finished = list[tuple["NativeItem", TaskiqResult[Any]]]
-_UNMEASURED = Measured()
 _Result = TaskiqResult[Any]
 """Subscripted once: pydantic looks the generic up on every subscript."""
 
@@ -99,7 +100,7 @@ class NativeItem:
     unslotted: bool = False
     """Whether it counts among the items waiting without a slot."""
     bound: Any = None
-    measured: Measured = _UNMEASURED
+    measured: Measured = PLAIN
     received: "asyncio.Future[None] | None" = None
     """The ``when_received`` ack round trip this message waits for."""
     ack_error: BaseException | None = None
@@ -259,9 +260,7 @@ class NativePath:
             )
         try:
             item.bound = task.signature.bind(tuple(message.args), message.kwargs)
-            item.measured = measure(
-                task.config, task.task_name, item.bound.item, message.labels
-            )
+            item.measured = measure(task.config, task.task_name, item.bound.item)
         except Exception as exc:
             self._spawn(self._end_alone(item, exc))
             return
@@ -354,7 +353,12 @@ class NativePath:
         if not live:
             return
         every = [entry.value for entry in live]
-        call = plan(task.config, task.task_name, [item.measured for item in every])
+        call = plan(
+            task.config,
+            task.task_name,
+            [item.measured for item in every],
+            lambda: [sent_at(item.message.labels, item.started) for item in every],
+        )
         outcomes = await self._call(task, every, call)
         if not call.trivial:
             await self._ack_left_out(every, call)

@@ -10,7 +10,7 @@ with `ItemExpiredError` and items with equal dedup keys are passed once;
 import contextvars
 import math
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -24,10 +24,15 @@ SENT_AT: Final = "batchtask_sent_at"
 """The label in which ``kiq`` stamps the send time (Unix seconds)."""
 
 
-class Unique:
-    """The dedup key of an item that has none: equal to nothing else."""
+class _NoKey:
+    """The dedup key of an item measured without ``dedup_key``."""
 
     __slots__ = ()
+
+
+NO_KEY: Final = _NoKey()
+"""An item with this key is equal to no other (it was measured while the
+task had no ``dedup_key``; `reconfigure` may have set one since)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,34 +40,33 @@ class Measured:
     """What the task's settings measured of one item on arrival."""
 
     weight: float = 0.0
-    dedup: Hashable = None
-    """Its dedup key, or a `Unique` when the task has no ``dedup_key``."""
-    sent_at: float = 0.0
-    """Unix time it was sent (or received, for a message without the label)."""
+    dedup: Hashable = NO_KEY
+    """Its dedup key, or `NO_KEY`."""
 
 
-def measure(
-    config: BatchConfig,
-    task_name: str,
-    item: Any,
-    labels: Mapping[str, Any] | None,
-) -> Measured:
-    """Weigh and key one validated item; stamp when it was sent.
+PLAIN: Final = Measured()
+"""The measure of every item of a task without ``weight`` or ``dedup_key``."""
+
+
+def measure(config: BatchConfig, task_name: str, item: Any) -> Measured:
+    """Weigh and key one validated item.
 
     :raises ItemValidationError: if ``weight`` or ``dedup_key`` raised or
         returned something unusable (only this item fails).
     """
+    if config.weight is None and config.dedup_key is None:
+        return PLAIN
     weight = 0.0
     if config.weight is not None:
         weight = _weigh(config, task_name, item)
-    dedup: Hashable = Unique()
+    dedup: Hashable = NO_KEY
     if config.dedup_key is not None:
         dedup = _key(config, task_name, item)
-    return Measured(weight, dedup, sent_at(labels))
+    return Measured(weight, dedup)
 
 
-def sent_at(labels: Mapping[str, Any] | None) -> float:
-    """The send time a message's labels carry, else now (its arrival)."""
+def sent_at(labels: Mapping[str, Any] | None, received: float) -> float:
+    """The send time a message's labels carry, else `received` (its arrival)."""
     if labels is not None:
         stamp = labels.get(SENT_AT)
         if stamp is not None:
@@ -72,7 +76,7 @@ def sent_at(labels: Mapping[str, Any] | None) -> float:
                 value = math.nan
             if math.isfinite(value):
                 return value
-    return time.time()
+    return received
 
 
 def _weigh(config: BatchConfig, task_name: str, item: Any) -> float:
@@ -156,14 +160,23 @@ class CallPlan:
         return [group[index] for index in self.passed]
 
 
-def plan(config: BatchConfig, task_name: str, measured: Sequence[Measured]) -> CallPlan:
-    """Decide which items a call gets: not too old, one per dedup key."""
+def plan(
+    config: BatchConfig,
+    task_name: str,
+    measured: Sequence[Measured],
+    sent_times: Callable[[], Sequence[float]],
+) -> CallPlan:
+    """Decide which items a call gets: not too old, one per dedup key.
+
+    `sent_times` gives each item's send time (see `sent_at`); it is called
+    only when the task has a ``max_item_age``.
+    """
     expired: dict[int, ItemExpiredError] = {}
     max_age = config.max_item_age
     if max_age is not None:
         now = time.time()
-        for index, seen in enumerate(measured):
-            age = now - seen.sent_at
+        for index, sent in enumerate(sent_times()):
+            age = now - sent
             if age > max_age:
                 expired[index] = ItemExpiredError(
                     message=f"batch task {task_name!r}: this item was sent "
@@ -174,15 +187,22 @@ def plan(config: BatchConfig, task_name: str, measured: Sequence[Measured]) -> C
         passed = [index for index in range(len(measured)) if index not in expired]
         return CallPlan(passed, expired, {})
     latest: dict[Hashable, int] = {}
+    keyless: list[int] = []
     for index, seen in enumerate(measured):
-        if index not in expired:
+        if index in expired:
+            continue
+        if seen.dedup is NO_KEY:
+            keyless.append(index)
+        else:
             latest[seen.dedup] = index
     copies = {
         index: latest[seen.dedup]
         for index, seen in enumerate(measured)
-        if index not in expired and latest[seen.dedup] != index
+        if index not in expired
+        and seen.dedup is not NO_KEY
+        and latest[seen.dedup] != index
     }
-    return CallPlan(sorted(latest.values()), expired, copies)
+    return CallPlan(sorted([*keyless, *latest.values()]), expired, copies)
 
 
 _labels: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(

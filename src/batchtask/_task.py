@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import time
 import typing
 import weakref
 from collections.abc import (
@@ -22,6 +23,7 @@ from collections.abc import (
     Coroutine,
     Hashable,
     Iterable,
+    Mapping,
     Sequence,
 )
 from datetime import datetime, timedelta
@@ -70,6 +72,7 @@ from batchtask._shaping import (
     current_labels,
     measure,
     plan,
+    sent_at,
     stamp_send_time,
 )
 from batchtask._signature import BatchSignature, BoundItem
@@ -93,6 +96,10 @@ class StockItem:
 
     bound: BoundItem
     measured: Measured
+    labels: Mapping[str, Any] | None
+    """Its message's labels, where taskiq's path lets them be known."""
+    received: float
+    """``time.time()`` on arrival."""
 
 
 class BatchKicker(AsyncKicker[EntryP, ResultT]):
@@ -297,13 +304,11 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             # One message in, that item's outcome out (kept to one coroutine:
             # this runs once per item).
             bound = bind(args, kwargs)
-            measured = measure(
-                task.config, task.task_name, bound.item, current_labels()
-            )
+            measured = measure(task.config, task.task_name, bound.item)
             batcher, in_place = batcher_here()
             item = batcher.submit(
                 bound.key,
-                StockItem(bound, measured),
+                StockItem(bound, measured, current_labels(), time.time()),
                 weight=measured.weight,
                 flush_now=in_place,
             )
@@ -402,7 +407,10 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         if not live:
             return
         call = plan(
-            self.config, self.task_name, [entry.value.measured for entry in live]
+            self.config,
+            self.task_name,
+            [entry.value.measured for entry in live],
+            lambda: [sent_at(e.value.labels, e.value.received) for e in live],
         )
         passed = [live[index].value.bound for index in call.passed]
         outcomes: list[Outcome] = []
