@@ -12,6 +12,9 @@ Configured by environment variables so each test gets its own queue:
 - BATCHTASK_REDELIVER_AFTER: seconds after which the broker hands an
   unacknowledged message to another consumer (Redis stream ``idle_timeout``,
   NATS ``ack_wait``); RabbitMQ redelivers when the consumer's connection drops.
+- BATCHTASK_BROKER_URL, BATCHTASK_RESULTS_URL: where the broker and the result
+  backend connect (a fault test's proxy), instead of the servers themselves;
+  the ``<queue>:*`` records below always go to Redis directly.
 
 Results go to Redis for every broker. Redis keys written by the worker:
 ``<queue>:received`` counts messages the receiver started (a middleware),
@@ -29,6 +32,7 @@ only with BATCHTASK_ACK_TASKS=1.
 """
 
 import asyncio
+import ctypes
 import os
 import resource
 from typing import Any
@@ -46,35 +50,40 @@ from batchtask._lifecycle import buffered_items
 REDIS_URL = "redis://127.0.0.1:6379"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 NATS_URL = "nats://127.0.0.1:4222"
+BROKER_URL = os.environ.get("BATCHTASK_BROKER_URL")
+RESULTS_URL = os.environ.get("BATCHTASK_RESULTS_URL", REDIS_URL)
 QUEUE = os.environ.get("BATCHTASK_QUEUE", "batchtask-test")
 KIND = os.environ.get("BATCHTASK_BROKER", "list")
 BATCH_SIZE = int(os.environ.get("BATCHTASK_BATCH_SIZE", "50"))
 BATCH_TIMEOUT = float(os.environ.get("BATCHTASK_BATCH_TIMEOUT", "1.0"))
+POISON = (
+    int(os.environ["BATCHTASK_POISON"]) if "BATCHTASK_POISON" in os.environ else None
+)
 REDELIVER_AFTER = float(os.environ.get("BATCHTASK_REDELIVER_AFTER", "600"))
 
 
 def make_broker() -> AsyncBroker:
     backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
-        REDIS_URL, result_ex_time=900
+        RESULTS_URL, result_ex_time=900
     )
     broker: AsyncBroker
     if KIND == "stream":
         broker = RedisStreamBroker(
-            REDIS_URL,
+            BROKER_URL or REDIS_URL,
             queue_name=QUEUE,
             consumer_group_name=QUEUE,
             idle_timeout=int(REDELIVER_AFTER * 1000),
         )
     elif KIND == "rabbitmq":
         broker = AioPikaBroker(
-            AMQP_URL,
+            BROKER_URL or AMQP_URL,
             qos=int(os.environ.get("BATCHTASK_QOS", "1000")),
             exchange=Exchange(name=QUEUE),
             task_queues=[Queue(name=QUEUE)],
         )
     elif KIND == "nats":
         broker = PullBasedJetStreamBroker(
-            NATS_URL,
+            BROKER_URL or NATS_URL,
             subject=QUEUE,
             stream_name=QUEUE,
             durable=QUEUE,
@@ -86,7 +95,7 @@ def make_broker() -> AsyncBroker:
             pull_consume_timeout=0.5,
         )
     else:
-        broker = ListQueueBroker(REDIS_URL, queue_name=QUEUE)
+        broker = ListQueueBroker(BROKER_URL or REDIS_URL, queue_name=QUEUE)
     return broker.with_result_backend(backend)
 
 
@@ -124,9 +133,20 @@ broker = make_broker().with_middlewares(CountReceived())
     task_name="app:double",
 )
 async def double(values: list[int], tag: str) -> list[int]:
-    """Doubles each value; ``tag="cancel"`` raises CancelledError inside."""
+    """Doubles each value; ``tag="cancel"`` raises CancelledError inside.
+
+    ``tag="sleep:S"`` sleeps S seconds first. A call that includes the value
+    BATCHTASK_POISON ends its process (``os._exit``; a segfault with
+    BATCHTASK_POISON_HOW=segv) before it records anything.
+    """
     if tag == "cancel":
         raise asyncio.CancelledError
+    if POISON is not None and POISON in values:
+        if os.environ.get("BATCHTASK_POISON_HOW") == "segv":
+            ctypes.string_at(0)
+        os._exit(70)
+    if tag.startswith("sleep:"):
+        await asyncio.sleep(float(tag.partition(":")[2]))
     async with _redis.pipeline(transaction=False) as pipe:
         pipe.rpush(f"{QUEUE}:calls", f"{os.getpid()}:{','.join(map(str, values))}")
         for value in values:

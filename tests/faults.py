@@ -1,0 +1,131 @@
+"""Fault injection for the fault tests: a TCP proxy between a worker and a server.
+
+A worker reaches its broker (and, where a test says so, its result backend)
+through a `Proxy` running in the test process; the test's own measuring
+connections go to the server directly, so a fault hits the worker only.
+
+- `Proxy.drop()` closes every connection passing through now (the server and
+  the client each see the other hang up); new connections are let through.
+- `Proxy.drop_on(pattern)` closes a connection, instead of forwarding, the
+  first time the client sends bytes containing `pattern` (an ``XACK``, an
+  AMQP ``basic.ack`` frame, a NATS ack): the ack is lost in flight.
+- `Proxy.refuse(seconds)` closes every connection and refuses new ones for a
+  while: the server is unreachable, then back.
+"""
+
+import asyncio
+import contextlib
+import time
+
+AMQP_BASIC_ACK = b"\x00\x3c\x00\x50"
+"""An AMQP method frame's class 60 (basic), method 80 (ack)."""
+
+
+class Proxy:
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`, faults on request."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.accepted = 0
+        """Connections accepted so far."""
+        self.dropped = 0
+        """Connections closed by a fault so far."""
+        self._server: asyncio.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._refuse_until = 0.0
+        self._pattern: bytes | None = None
+        self.pattern_seen = asyncio.Event()
+
+    async def __aenter__(self) -> "Proxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._close_all()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def url(self, scheme: str, auth: str = "") -> str:
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
+
+    def drop(self) -> int:
+        """Close every connection passing through now; how many there were."""
+        count = len(self._pairs)
+        self._close_all()
+        self.dropped += count
+        return count
+
+    def drop_on(self, pattern: bytes) -> None:
+        """Drop a connection the first time its client sends `pattern`."""
+        self._pattern = pattern
+        self.pattern_seen.clear()
+
+    def refuse(self, seconds: float) -> None:
+        """Drop everything now and refuse connections for `seconds`."""
+        self._refuse_until = time.monotonic() + seconds
+        self.drop()
+
+    def _close_all(self) -> None:
+        for client, server in list(self._pairs):
+            for writer in (client, server):
+                with contextlib.suppress(Exception):
+                    writer.transport.abort()
+        self._pairs.clear()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if time.monotonic() < self._refuse_until:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(
+                "127.0.0.1", self.target
+            )
+        except OSError:
+            writer.transport.abort()
+            return
+        self.accepted += 1
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_writer, pair, upstream=True),
+                self._pipe(up_reader, writer, pair, upstream=False),
+            )
+        finally:
+            self._pairs.discard(pair)
+            for each in pair:
+                with contextlib.suppress(Exception):
+                    each.transport.abort()
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        *,
+        upstream: bool,
+    ) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                pattern = self._pattern
+                if upstream and pattern is not None and pattern in chunk:
+                    self._pattern = None
+                    self.dropped += 1
+                    self.pattern_seen.set()
+                    for each in pair:
+                        each.transport.abort()
+                    return
+                writer.write(chunk)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for each in pair:
+                with contextlib.suppress(Exception):
+                    each.transport.abort()
