@@ -23,7 +23,7 @@ from batchtask._grouping import (
     Coalescer,
     GroupedAcks,
     GroupedResultBackend,
-    _stream_ack_target,
+    stream_ack_target,
 )
 from batchtask._lifecycle import buffered_items
 from tests.conftest import require_server, within
@@ -364,9 +364,9 @@ async def test_only_this_stream_brokers_own_acks_are_grouped() -> None:
     broker = RedisStreamBroker(REDIS_URL, queue_name="q")
     other = RedisStreamBroker(REDIS_URL, queue_name="q")
     ack = broker._ack_generator(id="1-0", queue_name="q")  # pyright: ignore[reportPrivateUsage]
-    assert _stream_ack_target(ack, broker) == ("q", "1-0")
-    assert _stream_ack_target(ack, other) is None
-    assert _stream_ack_target(lambda: None, broker) is None
+    assert stream_ack_target(ack, broker) == ("q", "1-0")
+    assert stream_ack_target(ack, other) is None
+    assert stream_ack_target(lambda: None, broker) is None
     acks = GroupedAcks.for_broker(broker)
     assert acks is not None
     assert acks.wrap(ack) is not None

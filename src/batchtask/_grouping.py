@@ -311,7 +311,7 @@ class GroupedAcks:
         message's id and stream; only such a closure of this very broker is
         grouped (read, never changed), anything else keeps its own ack.
         """
-        target = _stream_ack_target(ack, self.broker)
+        target = stream_ack_target(ack, self.broker)
         if target is None:
             return None
         submit = self.group.submit
@@ -336,7 +336,7 @@ class GroupedAcks:
         for index, (controller, raw) in enumerate(acks):
             if controller.is_acked:
                 continue
-            target = None if raw is None else _stream_ack_target(raw, self.broker)
+            target = None if raw is None else stream_ack_target(raw, self.broker)
             if target is None:
                 others.append(index)
             else:
@@ -384,7 +384,7 @@ class GroupedAcks:
 _STREAM_ACK = "RedisStreamBroker._ack_generator.<locals>._ack"
 
 
-def _stream_ack_target(
+def stream_ack_target(
     ack: Callable[..., Any], broker: AsyncBroker
 ) -> tuple[str | bytes, Any] | None:
     """(stream, message id) a ``RedisStreamBroker`` ack closure acks, or None."""

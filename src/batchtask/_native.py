@@ -19,6 +19,13 @@ future of its own while the item waits:
   the whole batch at once (one command for the results, one ``XACK`` on a Redis
   stream).
 
+Faults (`batchtask._faults`): a batch's result writes and acks that fail on a
+dropped connection are retried, a bounded number of times, over a new one; a
+result that could not be written is not acknowledged ``when_saved`` (the
+message is redelivered rather than left without its result); a redelivered
+copy of a message held here hands its ack over to the held one, and a copy of
+one that already finished is acked without a second call.
+
 A middleware hook that raises for one message ends that message there (no
 result, no ack: it is redelivered), as the raising callback task does on
 taskiq's path; the batch's other messages go on. The ``timeout`` label bounds
@@ -54,6 +61,7 @@ from taskiq.serializers import JSONSerializer
 
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
+from batchtask._faults import Redeliveries, looks_redelivered, retried
 from batchtask._grouping import (
     AmqpAcks,
     BufferedAcks,
@@ -106,6 +114,8 @@ class NativeItem:
     ack_error: BaseException | None = None
     expiry: asyncio.TimerHandle | None = None
     done: bool = False
+    raw: bytes = b""
+    """The delivery as received: a redelivered copy matches it byte for byte."""
 
 
 class NativePath:
@@ -141,6 +151,7 @@ class NativePath:
         self._on_error: list[TaskiqMiddleware] = []
         self._post_execute: list[TaskiqMiddleware] = []
         self._post_save: list[TaskiqMiddleware] = []
+        self.redeliveries = Redeliveries(self.broker.result_backend)
 
     def start(self) -> None:
         """Read the broker's tasks and middlewares as they are when listening starts."""
@@ -150,6 +161,7 @@ class NativePath:
         self._on_error = _overriding(reversed(middlewares), "on_error")
         self._post_execute = _overriding(reversed(middlewares), "post_execute")
         self._post_save = _overriding(reversed(middlewares), "post_save")
+        self.redeliveries.backend = self.broker.result_backend
 
     # -- arrival ---------------------------------------------------------
 
@@ -188,7 +200,65 @@ class NativePath:
             AcknowledgeType.WHEN_SAVED,
             time.time(),
             owns_delivery_slot,
+            raw=raw,
         )
+        redeliveries = self.redeliveries
+        held = redeliveries.held.get(message.task_id)
+        if held is not None and held.raw == raw:
+            self._adopt(held, item)
+            return True
+        if redeliveries.owed(message.task_id):
+            self._spawn(self._skip(item))
+            return True
+        redeliveries.held.setdefault(message.task_id, item)
+        if redeliveries.checks_results and looks_redelivered(data, self.broker):
+            self._spawn(self._take_redelivered(task, item))
+            return True
+        self._intake(task, item)
+        return True
+
+    def _adopt(self, held: NativeItem, copy: NativeItem) -> None:
+        """A redelivered `copy` of `held`: its ack is the one that works now."""
+        if held.acks.is_acked or held.done:
+            self._spawn(self._skip(copy))  # acked, or ending: ack the copy too
+            return
+        held.ack, held.acks = copy.ack, copy.acks
+        copy.done = True
+        if copy.holds_slot:
+            self.receiver.sem_prefetch.release()
+        logger.info(
+            "batchtask: message %s was delivered again while held here; its "
+            "new delivery's ack replaces the old one",
+            held.message.task_id,
+        )
+
+    async def _take_redelivered(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+    ) -> None:
+        """A delivery that may be a second one: run it only if it has not run."""
+        if await self.redeliveries.finished(item.message.task_id):
+            await self._skip(item)
+        else:
+            self._intake(task, item)
+
+    async def _skip(self, item: NativeItem) -> None:
+        """Ack a redelivered copy of a message that already ran, without a call."""
+        self.redeliveries.skipped += 1
+        logger.info(
+            "batchtask: message %s was delivered again after its call finished; "
+            "acked without running it again",
+            item.message.task_id,
+        )
+        try:
+            if item.acks.is_ackable:
+                await self._ack_logged([item])
+        finally:
+            self._release(item)
+
+    def _intake(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+    ) -> None:
+        """``pre_execute`` middlewares, then into the batch."""
         for index, middleware in enumerate(self._pre_execute):
             returned = middleware.pre_execute(item.message)
             if inspect.isawaitable(returned):
@@ -197,10 +267,9 @@ class NativePath:
                 )
                 self._intakes.add(intake)
                 intake.add_done_callback(self._intakes.discard)
-                return True
+                return
             item.message = returned
         self._enter(task, item)
-        return True
 
     async def _take_later(
         self,
@@ -283,7 +352,7 @@ class NativePath:
         self._spawn(self._ack_now(items))
 
     async def _ack_now(self, items: list[NativeItem]) -> None:
-        errors = await self.ack_many(items)
+        errors = await retried("acknowledging on receipt", items, self.ack_many, _id)
         for item, error in zip(items, errors, strict=True):
             item.ack_error = error
             if item.received is not None and not item.received.done():
@@ -540,16 +609,17 @@ class NativePath:
             to_store = [
                 (i, r) for i, r in results if not isinstance(r.error, NoResultError)
             ]
+            unsaved: set[int] = set()
             if to_store:
-                errors = await store_many(
-                    self.broker.result_backend,
-                    [(i.message.task_id, r) for i, r in to_store],
+                errors = await retried(
+                    "storing results", to_store, self._store, _id_of_pair
                 )
                 stored: Finished = []
                 for pair, write_error in zip(to_store, errors, strict=True):
                     if write_error is None:
                         stored.append(pair)
                     else:
+                        unsaved.add(id(pair[0]))
                         logger.error(
                             "Can't set result in result backend.",
                             exc_info=write_error,
@@ -558,7 +628,12 @@ class NativePath:
                     stored = await _each(
                         stored, functools.partial(_post_save, middleware)
                     )
-            await self._ack_at(results, AcknowledgeType.WHEN_SAVED)
+            # Unlike taskiq: no ``when_saved`` ack without the result; the
+            # message comes back and runs again rather than lose its result.
+            await self._ack_at(
+                [(i, r) for i, r in results if id(i) not in unsaved],
+                AcknowledgeType.WHEN_SAVED,
+            )
         finally:
             for item in everyone:
                 self._release(item)
@@ -576,15 +651,20 @@ class NativePath:
         if due:
             await self._ack_logged(due)
 
+    async def _store(
+        self, pairs: Sequence[tuple[NativeItem, TaskiqResult[Any]]]
+    ) -> list[BaseException | None]:
+        return await store_many(
+            self.broker.result_backend,
+            [(item.message.task_id, result) for item, result in pairs],
+        )
+
     async def _ack_logged(self, due: Sequence[NativeItem]) -> None:
-        errors = await self.ack_many(due)
+        """Ack `due`, retrying over faults; remember what never got through."""
+        errors = await retried("acknowledging", due, self.ack_many, _id)
         for item, error in zip(due, errors, strict=True):
             if error is not None:
-                logger.error(
-                    "batchtask: acknowledging message %s failed",
-                    item.message.task_id,
-                    exc_info=error,
-                )
+                self.redeliveries.owe(item.message.task_id)
 
     async def ack_many(self, items: Sequence[NativeItem]) -> list[BaseException | None]:
         """Ack the messages of `items` not acked yet; one round trip where known."""
@@ -599,6 +679,9 @@ class NativePath:
         if item.done:
             return
         item.done = True
+        held = self.redeliveries.held
+        if held.get(item.message.task_id) is item:
+            del held[item.message.task_id]
         if item.expiry is not None:
             item.expiry.cancel()
             item.expiry = None
@@ -636,6 +719,14 @@ class NativePath:
                 await asyncio.wait(set(self._intakes))
             for batcher in self._batchers.values():
                 await (batcher.drain() if drain else batcher.wait_idle())
+
+
+def _id(item: NativeItem) -> str:
+    return item.message.task_id
+
+
+def _id_of_pair(pair: tuple[NativeItem, TaskiqResult[Any]]) -> str:
+    return pair[0].message.task_id
 
 
 def _group_ack(group: list[NativeItem]) -> Callable[[], Awaitable[None]]:

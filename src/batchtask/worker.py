@@ -37,6 +37,7 @@ from taskiq import AckableMessage, AsyncBroker
 from taskiq.receiver import Receiver
 
 from batchtask import _compat, _lifecycle
+from batchtask._faults import transient
 from batchtask._grouping import (
     AmqpAcks,
     BufferedAcks,
@@ -46,6 +47,9 @@ from batchtask._grouping import (
 from batchtask._native import NativePath
 
 logger = logging.getLogger("batchtask")
+
+RELISTEN_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+"""Pauses before listening again after the broker's ``listen()`` failed."""
 
 DEFAULT_MAX_BUFFERED = 10_000
 """Batch items a worker process holds without a delivery slot, by default."""
@@ -134,8 +138,7 @@ class BatchReceiver(Receiver):
             await super().prefetcher(queue, finish_event)
             return
         native.start()
-        deliveries = self.broker.listen()
-        reading = asyncio.ensure_future(self._read(deliveries, queue))
+        reading = asyncio.ensure_future(self._read(queue))
         finishing = asyncio.ensure_future(finish_event.wait())
         try:
             await asyncio.wait(
@@ -147,8 +150,6 @@ class BatchReceiver(Receiver):
             with anyio.CancelScope(shield=True):
                 await _stop(reading)
                 await asyncio.gather(reading, finishing, return_exceptions=True)
-                with contextlib.suppress(Exception):
-                    await deliveries.aclose()
                 native.close()  # nothing more arrives: run what is buffered now
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
@@ -166,44 +167,80 @@ class BatchReceiver(Receiver):
             return
         raise error  # the broker's listen() failed: as taskiq's prefetcher
 
-    async def _read(
-        self,
-        deliveries: AsyncIterator[bytes | AckableMessage],
-        queue: "asyncio.Queue[Any]",
-    ) -> None:
+    async def _read(self, queue: "asyncio.Queue[Any]") -> None:
+        """Read the broker's ``listen()``, listening again after a fault."""
         native = self.native
         assert native is not None
         slots = self.sem_prefetch
         limit = self.max_tasks_to_execute
         amqp = self._amqp
         fetched = 0
-        while not limit or fetched < limit:
-            await slots.acquire()
-            try:
-                data = await anext(deliveries)
-            except StopAsyncIteration:
-                slots.release()
-                return
-            except BaseException:
-                slots.release()
-                raise
-            fetched += 1
-            tracked = (
-                amqp
-                if amqp is not None
-                and isinstance(data, AckableMessage)
-                and amqp.delivered(data.ack)
-                else None
-            )
-            if not native.take(data, owns_delivery_slot=True):
-                if tracked is not None and isinstance(data, AckableMessage):
-                    # taskiq's path acks it through the tracker too, so that a
-                    # batch's multiple=True ack never covers it unfinished.
-                    data = AckableMessage.model_construct(
-                        data=data.data, ack=tracked.wrap(data.ack)
+        failures = 0
+        deliveries = self.broker.listen()
+        try:
+            while not limit or fetched < limit:
+                await slots.acquire()
+                try:
+                    data = await anext(deliveries)
+                except StopAsyncIteration:
+                    slots.release()
+                    return
+                except Exception as error:
+                    slots.release()
+                    if not transient(error):
+                        raise
+                    # The connection dropped: buffered items stay, and are
+                    # acked by id (a Redis stream), or their redelivered
+                    # copies hand over their acks (AMQP).
+                    delay = RELISTEN_DELAYS[min(failures, len(RELISTEN_DELAYS) - 1)]
+                    failures += 1
+                    logger.warning(
+                        "batchtask: the broker's listen() failed (%r); listening "
+                        "again in %.2f s (attempt %d), %d item(s) still held",
+                        error,
+                        delay,
+                        failures,
+                        native.unslotted,
                     )
-                queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
-        logger.info("Max number of tasks executed.")
+                    with contextlib.suppress(Exception):
+                        await _closed(deliveries)
+                    await asyncio.sleep(delay)
+                    deliveries = self.broker.listen()
+                    continue
+                except BaseException:
+                    slots.release()
+                    raise
+                failures = 0
+                fetched += 1
+                self._deliver(native, amqp, data, queue)
+            logger.info("Max number of tasks executed.")
+        finally:
+            with contextlib.suppress(Exception):
+                await _closed(deliveries)
+
+    def _deliver(
+        self,
+        native: NativePath,
+        amqp: AmqpAcks | None,
+        data: bytes | AckableMessage,
+        queue: "asyncio.Queue[Any]",
+    ) -> None:
+        """One delivery: to the batch-native path, or to taskiq's runner."""
+        tracked = (
+            amqp
+            if amqp is not None
+            and isinstance(data, AckableMessage)
+            and amqp.delivered(data.ack)
+            else None
+        )
+        if not native.take(data, owns_delivery_slot=True):
+            if tracked is not None and isinstance(data, AckableMessage):
+                # taskiq's path acks it through the tracker too, so that a
+                # batch's multiple=True ack never covers it unfinished.
+                data = AckableMessage.model_construct(
+                    data=data.data, ack=tracked.wrap(data.ack)
+                )
+            queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
 
     async def callback(
         self, message: bytes | AckableMessage, raise_err: bool = False
@@ -214,6 +251,12 @@ class BatchReceiver(Receiver):
             if grouped is not None:
                 message = AckableMessage.model_construct(data=message.data, ack=grouped)
         await super().callback(message, raise_err=raise_err)
+
+
+async def _closed(deliveries: AsyncIterator[bytes | AckableMessage]) -> None:
+    close = getattr(deliveries, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def _stop(task: "asyncio.Task[None]") -> None:
