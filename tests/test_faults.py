@@ -10,15 +10,24 @@ table quotes them.
 """
 
 import asyncio
+import contextlib
+import shutil
+import signal
+import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from taskiq.exceptions import SendTaskError
 
+from batchtask._faults import RETRY_DELAYS
+from tests.conftest import server_answers
 from tests.faults import AMQP_BASIC_ACK, Proxy
 from tests.workers import (
     RECEIVER,
@@ -52,12 +61,14 @@ class Tally:
     lost: int
     results: int
     """Items whose stored result is right."""
+    restarts: int = 0
+    """Worker processes taskiq's process manager started again."""
 
     def line(self, scenario: str, broker: str) -> str:
         return (
             f"fault[{scenario}, {broker}]: kicked {self.kicked}, processed "
             f"{self.processed}, duplicated {self.duplicated}, lost {self.lost}, "
-            f"results {self.results}"
+            f"results {self.results}, worker restarts {self.restarts}"
         )
 
 
@@ -101,21 +112,29 @@ async def _at_least(count: Any, n: int) -> bool:
     return await count >= n
 
 
-async def settle(rig: Rig, tasks: list[Any], *, quiet: float) -> Tally:
+async def settle(
+    app: ModuleType,
+    queue: str,
+    worker: subprocess.Popen[bytes],
+    tasks: list[Any],
+    *,
+    quiet: float,
+) -> Tally:
     """Wait until every item was processed, then `quiet` seconds more; count."""
 
     async def nudge() -> None:
         # A Redis stream consumer claims idle messages only after a read.
-        await rig.app.nudge.kiq()
+        with contextlib.suppress(SendTaskError):  # its server restarted
+            await app.nudge.kiq()
 
     async def all_processed() -> bool:
-        return len(await processed(rig.queue)) >= len(tasks)
+        return len(await processed(queue)) >= len(tasks)
 
     await until(all_processed, 120, "every item processed", every=0.3, meanwhile=nudge)
     for _ in range(int(quiet / 0.5)):
         await nudge()
         await asyncio.sleep(0.5)
-    counts = await processed(rig.queue)
+    counts = await processed(queue)
     right = 0
     for value, task in enumerate(tasks):
         result = await task.wait_result(timeout=60)
@@ -126,11 +145,27 @@ async def settle(rig: Rig, tasks: list[Any], *, quiet: float) -> Tally:
         duplicated=sum(counts.values()) - len(counts),
         lost=len(tasks) - len(counts),
         results=right,
+        restarts=worker_log(worker).count("Started process worker-") - 1,
     )
 
 
-async def kick(rig: Rig, tag: str, count: int = COUNT) -> list[Any]:
-    return [await rig.app.double.kiq(value, tag) for value in range(count)]
+HANDLED = {
+    "listened again": "listening again in",
+    "retried": "; retry ",
+    "ack handed over": "delivered again while held here",
+    "acked unrun": "delivered again after its call finished",
+}
+
+
+def _handled(log: str) -> list[str]:
+    """What the worker's log says it did about a fault, with counts."""
+    return [
+        f"{what} x{log.count(text)}" for what, text in HANDLED.items() if text in log
+    ]
+
+
+async def kick(app: ModuleType, tag: str, count: int = COUNT) -> list[Any]:
+    return [await app.double.kiq(value, tag) for value in range(count)]
 
 
 @pytest.mark.parametrize("kind", ["stream", "rabbitmq", "nats"])
@@ -153,7 +188,7 @@ async def test_a_dropped_broker_connection_loses_nothing_and_reruns_no_finished_
     async with rig(kind, **settings) as r:
         if moment == "acking":
             r.broker_proxy.drop_on(ACK_BYTES[kind])
-        tasks = await kick(r, tag)
+        tasks = await kick(r.app, tag)
         await until(lambda: _at_least(received(r.queue), COUNT), 60, "all received")
         if moment == "buffered":
             await asyncio.sleep(0.5)
@@ -166,12 +201,148 @@ async def test_a_dropped_broker_connection_loses_nothing_and_reruns_no_finished_
         else:
             await asyncio.wait_for(r.broker_proxy.pattern_seen.wait(), 60)
             dropped = 1 + r.results_proxy.drop()
-        tally = await settle(r, tasks, quiet=REDELIVER_AFTER + 4)
+        tally = await settle(r.app, r.queue, r.worker, tasks, quiet=REDELIVER_AFTER + 4)
         log = worker_log(r.worker)
-        alive = r.worker.poll() is None
     print(tally.line(f"broker connection dropped while {moment}", kind))
     assert dropped >= 1
     assert tally.lost == 0
     assert tally.results == COUNT
     assert tally.duplicated == 0, log[-4000:]
-    assert alive, log[-4000:]
+    assert tally.restarts == 0, "the worker process kept serving"
+    print("  what the worker did:", ", ".join(_handled(log)) or "nothing")
+    if moment == "acking" or kind == "rabbitmq":
+        assert _handled(log), "the fault reached the worker"
+
+
+@pytest.mark.parametrize("kind", ["stream", "rabbitmq"])
+@pytest.mark.parametrize("outage", [3.0, 20.0], ids=["3s", "20s"])
+async def test_an_unreachable_result_backend_acks_nothing_without_its_result(
+    kind: str, outage: float
+) -> None:
+    """The result backend refuses every connection from just before a batch's
+    call ends until `outage` seconds later. A short outage is bridged by the
+    retried write; after a long one each item's write fails, no message is
+    acknowledged without its result, and the redelivered messages run again
+    and store their results once the backend is back: nothing is lost."""
+    settings = {"BATCHTASK_BATCH_SIZE": str(COUNT), "BATCHTASK_BATCH_TIMEOUT": "60"}
+    async with rig(kind, **settings) as r:
+        tasks = await kick(r.app, "sleep:2")
+        await until(lambda: _at_least(received(r.queue), COUNT), 60, "all received")
+        await asyncio.sleep(1.0)
+        assert await processed(r.queue) == {}, "the call runs at the outage"
+        r.results_proxy.refuse(outage)
+        await asyncio.sleep(outage)
+        if kind == "rabbitmq":
+            # RabbitMQ hands a message back only when its consumer goes.
+            r.broker_proxy.drop()
+        tally = await settle(r.app, r.queue, r.worker, tasks, quiet=REDELIVER_AFTER + 4)
+        log = worker_log(r.worker)
+    print(tally.line(f"result backend down {outage:.0f} s", kind))
+    print("  what the worker did:", ", ".join(_handled(log)) or "nothing")
+    assert tally.lost == 0
+    assert tally.results == COUNT, "no message was acknowledged without its result"
+    assert tally.restarts == 0
+    assert "storing results failed" in log
+    if outage < sum(RETRY_DELAYS):
+        assert tally.duplicated == 0, log[-4000:]
+    else:
+        assert "given up" in log
+        assert tally.duplicated == COUNT, "each ran again, as its result was lost"
+
+
+class OwnRedis:
+    """A redis-server of the test's own that keeps its data (AOF, fsync always).
+
+    Started and stopped by pid; killed on the way out whatever its state.
+    """
+
+    def __init__(self, port: int, data: Path) -> None:
+        self.port = port
+        self.data = data
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self._spawn()
+        await until(
+            lambda: asyncio.to_thread(server_answers, self.port), 30, "own Redis up"
+        )
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--dir", str(self.data), "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "always"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self.process.wait, 30)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_restarted_redis_keeping_its_data_loses_nothing(tmp_path: Path) -> None:
+    """The worker's Redis (stream broker and result backend; a server this test
+    starts, keeping its data) stops for 5 s while 300 items wait in a batch,
+    then starts again: the worker listens again, the batch runs, every result
+    is stored and every message acknowledged once."""
+    require_broker("stream")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    settings = {
+        "BATCHTASK_BROKER": "stream",
+        "BATCHTASK_BATCH_SIZE": "1000",
+        "BATCHTASK_BATCH_TIMEOUT": "10",
+        "BATCHTASK_REDELIVER_AFTER": "30",
+        "BATCHTASK_BROKER_URL": url,
+        "BATCHTASK_RESULTS_URL": url,
+    }
+    queue = new_queue()
+    redis_server = OwnRedis(port, tmp_path)
+    await redis_server.start()
+    try:
+        with app_env(queue, **settings) as env:
+            worker = start_worker(env, "--workers", "1", *RECEIVER)
+        try:
+            await wait_listening(worker)
+            with app_env(queue, **settings):
+                async with producer(queue) as app:
+                    tasks = await kick(app, "x")
+                    await until(
+                        lambda: _at_least(received(queue), COUNT), 60, "all received"
+                    )
+                    await redis_server.stop()
+                    down_at = time.monotonic()
+                    await asyncio.sleep(5.0)
+                    await redis_server.start()
+                    up_after = time.monotonic() - down_at
+                    tally = await settle(app, queue, worker, tasks, quiet=3)
+                    log = worker_log(worker)
+        finally:
+            kill(worker)
+    finally:
+        redis_server.kill()
+    print(tally.line(f"Redis restarted, down {up_after:.1f} s", "stream"))
+    print("  what the worker did:", ", ".join(_handled(log)) or "nothing")
+    assert tally.lost == 0
+    assert tally.duplicated == 0
+    assert tally.results == COUNT
+    assert tally.restarts == 0
+    assert "listening again in" in log
