@@ -11,6 +11,7 @@ table quotes them.
 
 import asyncio
 import contextlib
+import math
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from taskiq.exceptions import SendTaskError
 
+from batchtask import PoisonItemError
 from batchtask._faults import RETRY_DELAYS
 from tests.conftest import server_answers
 from tests.faults import AMQP_BASIC_ACK, Proxy
@@ -346,3 +348,52 @@ async def test_a_restarted_redis_keeping_its_data_loses_nothing(tmp_path: Path) 
     assert tally.results == COUNT
     assert tally.restarts == 0
     assert "listening again in" in log
+
+
+@pytest.mark.parametrize(
+    ("kind", "how"),
+    [("stream", "exit"), ("rabbitmq", "exit"), ("nats", "exit"), ("stream", "segv")],
+)
+async def test_a_batch_that_kills_its_worker_is_narrowed_down_to_the_poison_item(
+    kind: str, how: str
+) -> None:
+    """One item of 100 ends the worker process of every call it is in
+    (``os._exit`` or a segfault). taskiq restarts the process; the broker
+    hands the items out again; batchtask runs them in ever smaller calls,
+    one at a time, until the poison item is alone: it then fails with
+    PoisonItemError, and the other 99 complete, each once."""
+    poison, count = 37, 100
+    settings = {
+        "BATCHTASK_BATCH_SIZE": str(count),
+        "BATCHTASK_BATCH_TIMEOUT": "1",
+        "BATCHTASK_REDELIVER_AFTER": "2",
+        "BATCHTASK_POISON": str(poison),
+        "BATCHTASK_POISON_HOW": how,
+    }
+    async with rig(kind, **settings) as r:
+        tasks = await kick(r.app, "x", count)
+
+        async def all_done() -> bool:
+            return all([await task.is_ready() for task in tasks])
+
+        async def nudge() -> None:
+            with contextlib.suppress(SendTaskError):
+                await r.app.nudge.kiq()
+
+        await until(all_done, 300, "every item's result", every=0.5, meanwhile=nudge)
+        results = [await task.get_result() for task in tasks]
+        counts = await processed(r.queue)
+        log = worker_log(r.worker)
+    deaths = log.count("is dead. Scheduling reload.")
+    bound = math.ceil(math.log2(count)) + 2
+    good = [v for v in range(count) if v != poison]
+    print(
+        f"fault[poison item ({how}) in a batch of {count}, {kind}]: kicked {count}, "
+        f"processed {len(counts)}, duplicated {sum(counts.values()) - len(counts)}, "
+        f"lost {count - 1 - len(counts)}, worker deaths {deaths} (bound {bound}), "
+        f"poison failed: {type(results[poison].error).__name__}"
+    )
+    assert 1 <= deaths <= bound, log[-4000:]
+    assert isinstance(results[poison].error, PoisonItemError)
+    assert [results[v].return_value for v in good] == [2 * v for v in good]
+    assert counts == dict.fromkeys(good, 1), "the 99 others ran, each once"

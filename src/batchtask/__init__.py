@@ -20,6 +20,7 @@ from batchtask._errors import (
     ItemExpiredError,
     ItemValidationError,
     PartialFailure,
+    PoisonItemError,
 )
 from batchtask._lifecycle import flush_all
 from batchtask._task import BatchKicker, BatchTask, batch_task
@@ -41,6 +42,7 @@ __all__ = [
     "ItemExpiredError",
     "ItemValidationError",
     "PartialFailure",
+    "PoisonItemError",
     "ResultsMode",
     "batch_task",
     "flush_all",

@@ -60,6 +60,17 @@ class ItemExpiredError(BatchTaskError):
     """
 
 
+class PoisonItemError(BatchTaskError):
+    """An item's call ended its worker process even with the item alone in it.
+
+    After a worker process died (``os._exit``, a segfault, the OOM killer)
+    its items come back in ever smaller calls, one such call at a time; an
+    item that was alone in a call that never finished fails with this error
+    on its next delivery and is acknowledged, so it cannot take the workers
+    down again (`BatchReceiver` only).
+    """
+
+
 class BatchResultError(BatchTaskError):
     """A call's return value (or `PartialFailure`) does not fit its batch.
 

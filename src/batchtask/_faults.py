@@ -25,7 +25,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend
 from taskiq.result_backends.dummy import DummyResultBackend
@@ -127,6 +127,44 @@ class Redeliveries:
         self.backend = backend
         self.skipped = 0
         """Redelivered copies acked without a call so far."""
+        self._asking: list[tuple[tuple[Any, Any], asyncio.Future[int]]] = []
+
+    async def delivered_before(self, data: AckableMessage, broker: AsyncBroker) -> bool:
+        """Whether a Redis stream entry's delivery count is above 1 (XPENDING).
+
+        The entries asked about in one loop turn share one round trip.
+        """
+        target = stream_ack_target(data.ack, broker)
+        if target is None:
+            return False
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if not self._asking:
+            loop.call_soon(lambda: asyncio.ensure_future(self._ask(broker)))
+        self._asking.append((target, future))
+        return await future > 1
+
+    async def _ask(self, broker: Any) -> None:
+        asking, self._asking = self._asking, []
+        from redis.asyncio import Redis
+
+        try:
+            async with Redis(connection_pool=broker.connection_pool) as connection:
+                pipeline = connection.pipeline(transaction=False)
+                for (stream, message_id), _ in asking:
+                    pipeline.xpending_range(
+                        stream,
+                        broker.consumer_group_name,
+                        min=message_id,
+                        max=message_id,
+                        count=1,
+                    )
+                replies = await pipeline.execute(raise_on_error=False)
+        except Exception as exc:
+            replies = [exc] * len(asking)
+        for (_, future), reply in zip(asking, replies, strict=True):
+            if not future.done():
+                future.set_result(_times_delivered(reply))
 
     @property
     def checks_results(self) -> bool:
@@ -161,8 +199,23 @@ class Redeliveries:
             return False
 
 
-def looks_redelivered(data: bytes | AckableMessage, broker: AsyncBroker) -> bool:
-    """Whether this delivery may have been delivered before (see the module)."""
+def _times_delivered(reply: object) -> int:
+    """An ``XPENDING`` row's delivery count; 2 when unknown (then checked)."""
+    if isinstance(reply, list) and reply:
+        row: object = cast("list[object]", reply)[0]
+        if isinstance(row, dict):
+            count: object = cast("dict[str, object]", row).get("times_delivered")
+            if isinstance(count, int):
+                return count
+    return 2
+
+
+def looks_redelivered(data: bytes | AckableMessage, broker: AsyncBroker) -> bool | None:
+    """Whether this delivery was delivered before (see the module).
+
+    None: maybe; `Redeliveries.delivered_before` asks the server (a Redis
+    stream entry older than the broker's ``idle_timeout``).
+    """
     if not isinstance(data, AckableMessage):
         return False
     ack = data.ack
@@ -187,6 +240,6 @@ def looks_redelivered(data: bytes | AckableMessage, broker: AsyncBroker) -> bool
     except ValueError:
         return False
     idle_ms = int(getattr(broker, "idle_timeout", 0))
-    # XAUTOCLAIM hands out only entries idle that long; a fresh read never
-    # returns one older, bar a backlog that old (then the check costs a read).
-    return added_ms <= time.time() * 1000 - idle_ms
+    # XAUTOCLAIM hands out only entries idle that long; a fresh read returns
+    # one older only from a backlog that old: then XPENDING tells.
+    return None if added_ms <= time.time() * 1000 - idle_ms else False

@@ -24,7 +24,10 @@ dropped connection are retried, a bounded number of times, over a new one; a
 result that could not be written is not acknowledged ``when_saved`` (the
 message is redelivered rather than left without its result); a redelivered
 copy of a message held here hands its ack over to the held one, and a copy of
-one that already finished is acked without a second call.
+one that already finished is acked without a second call. A message
+delivered again without a result is a suspect (`batchtask._suspects`): it
+runs in ever smaller calls, each alone in the process, until the item that
+ends its worker is found and fails.
 
 A middleware hook that raises for one message ends that message there (no
 result, no ack: it is redelivered), as the raising callback task does on
@@ -35,6 +38,7 @@ cancelled.
 """
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
@@ -59,8 +63,10 @@ from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.receiver.params_parser import parse_params
 from taskiq.serializers import JSONSerializer
 
+from batchtask import _lifecycle
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
+from batchtask._errors import PoisonItemError
 from batchtask._faults import Redeliveries, looks_redelivered, retried
 from batchtask._grouping import (
     AmqpAcks,
@@ -80,12 +86,16 @@ from batchtask._shaping import (
     plan,
     sent_at,
 )
+from batchtask._suspects import POISON, Gate, cap, mark
 from batchtask._task import BatchTask, batch_task_of, report
 
 if TYPE_CHECKING:
     from taskiq.receiver import Receiver
 
 logger = logging.getLogger("batchtask")
+
+SUSPECT_WAIT = 1.0
+"""Seconds a suspect call waits to fill (its items come back together)."""
 
 Finished = list[tuple["NativeItem", TaskiqResult[Any]]]
 _Result = TaskiqResult[Any]
@@ -116,6 +126,8 @@ class NativeItem:
     done: bool = False
     raw: bytes = b""
     """The delivery as received: a redelivered copy matches it byte for byte."""
+    cap: int = 0
+    """A suspect's largest call (`batchtask._suspects`); 0: not a suspect."""
 
 
 class NativePath:
@@ -142,7 +154,7 @@ class NativePath:
         """Items waiting now whose delivery slot went back at once."""
         self.taken = 0
         """Deliveries taken so far."""
-        self._batchers: dict[str, Batcher[NativeItem, Any]] = {}
+        self._batchers: dict[tuple[str, int], Batcher[NativeItem, Any]] = {}
         self._received: list[NativeItem] = []
         self._intakes: set[asyncio.Task[None]] = set()
         self._grouped_acks = acks
@@ -152,6 +164,7 @@ class NativePath:
         self._post_execute: list[TaskiqMiddleware] = []
         self._post_save: list[TaskiqMiddleware] = []
         self.redeliveries = Redeliveries(self.broker.result_backend)
+        self.gate = Gate()
 
     def start(self) -> None:
         """Read the broker's tasks and middlewares as they are when listening starts."""
@@ -211,9 +224,12 @@ class NativePath:
             self._spawn(self._skip(item))
             return True
         redeliveries.held.setdefault(message.task_id, item)
-        if redeliveries.checks_results and looks_redelivered(data, self.broker):
-            self._spawn(self._take_redelivered(task, item))
-            return True
+        if redeliveries.checks_results:
+            again = looks_redelivered(data, self.broker)
+            if again is not False:
+                ask = data if again is None else None
+                self._spawn(self._take_redelivered(task, item, ask))
+                return True
         self._intake(task, item)
         return True
 
@@ -233,13 +249,42 @@ class NativePath:
         )
 
     async def _take_redelivered(
-        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        item: NativeItem,
+        ask: bytes | AckableMessage | None,
     ) -> None:
-        """A delivery that may be a second one: run it only if it has not run."""
-        if await self.redeliveries.finished(item.message.task_id):
-            await self._skip(item)
-        else:
+        """A delivery that may be a second one: run it only if it has not run.
+
+        One that has not run is a suspect: capped, or failed as the poison.
+        """
+        redeliveries = self.redeliveries
+        task_id = item.message.task_id
+        if isinstance(ask, AckableMessage) and not await redeliveries.delivered_before(
+            ask, self.broker
+        ):
             self._intake(task, item)
+            return
+        if await redeliveries.finished(task_id):
+            await self._skip(item)
+            return
+        item.cap = await cap(
+            self.broker.result_backend, task_id, task.config.batch_size
+        )
+        if item.cap == POISON:
+            logger.error(
+                "batchtask: message %s of task %s was alone in a call that ended "
+                "its worker process; it fails and is not run again",
+                task_id,
+                task.task_name,
+            )
+            error = PoisonItemError(
+                message=f"batch task {task.task_name!r}: message {task_id} was "
+                "alone in a call that ended its worker process; not run again"
+            )
+            await self._end_alone(item, error)
+            return
+        self._intake(task, item)
 
     async def _skip(self, item: NativeItem) -> None:
         """Ack a redelivered copy of a message that already ran, without a call."""
@@ -333,7 +378,7 @@ class NativePath:
         except Exception as exc:
             self._spawn(self._end_alone(item, exc))
             return
-        batcher = self._batcher_of(task)
+        batcher = self._batcher_of(task, item.cap)
         entry = batcher.submit(item.bound.key, item, weight=item.measured.weight)
         timeout = message.labels.get("timeout")
         if timeout is not None:
@@ -359,15 +404,45 @@ class NativePath:
                 item.received.set_result(None)
 
     def _batcher_of(
-        self, task: BatchTask[Any, ..., ..., Any, Any]
+        self, task: BatchTask[Any, ..., ..., Any, Any], suspects: int = 0
     ) -> Batcher[NativeItem, Any]:
-        batcher = self._batchers.get(task.task_name)
-        if batcher is None:
+        """The task's batcher; with `suspects`, the one for calls of that many."""
+        batcher = self._batchers.get((task.task_name, suspects))
+        if batcher is not None:
+            return batcher
+        gate = self.gate
+        if not suspects:
 
             async def run(batch: Batch[NativeItem, Any]) -> None:
-                await self.run(task, batch)
+                await gate.enter()
+                try:
+                    await self.run(task, batch)
+                finally:
+                    gate.leave()
 
-            batcher = self._batchers[task.task_name] = task.new_batcher(run)
+            batcher = task.new_batcher(run)
+        else:
+
+            async def run(batch: Batch[NativeItem, Any]) -> None:
+                await gate.enter_alone()
+                try:
+                    await self.run(task, batch, suspect=True)
+                finally:
+                    gate.leave_alone()
+
+            limits = dataclasses.replace(
+                task.config.limits(),
+                batch_size=suspects,
+                batch_timeout=min(task.config.batch_timeout, SUSPECT_WAIT),
+                debounce=None,
+                adaptive=False,
+                max_calls=1,
+                max_calls_per_key=None,
+            )
+            batcher = _lifecycle.new_batcher(
+                self.broker, run, name=task.task_name, limits=limits
+            )
+        self._batchers[task.task_name, suspects] = batcher
         return batcher
 
     def _expire(
@@ -385,7 +460,11 @@ class NativePath:
     # -- the call --------------------------------------------------------
 
     async def run(
-        self, task: BatchTask[Any, ..., ..., Any, Any], batch: Batch[NativeItem, Any]
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        batch: Batch[NativeItem, Any],
+        *,
+        suspect: bool = False,
     ) -> None:
         """Call the function once for `batch`, then finish every message.
 
@@ -394,7 +473,7 @@ class NativePath:
         entry's future is resolved: nothing waits on them, nothing leaks.
         """
         try:
-            await self._run(task, batch)
+            await self._run(task, batch, suspect)
         finally:
             for entry in batch.entries:
                 if entry.future.done():
@@ -404,7 +483,10 @@ class NativePath:
                     self._release(entry.value)
 
     async def _run(
-        self, task: BatchTask[Any, ..., ..., Any, Any], batch: Batch[NativeItem, Any]
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        batch: Batch[NativeItem, Any],
+        suspect: bool,
     ) -> None:
         live = [entry for entry in batch.entries if not entry.future.done()]
         received = {e.value.received for e in live if e.value.received is not None}
@@ -428,6 +510,18 @@ class NativePath:
             [item.measured for item in every],
             lambda: [sent_at(item.message.labels, item.started) for item in every],
         )
+        if suspect and call.passed:
+            logger.warning(
+                "batchtask: %d item(s) of task %s delivered again without a "
+                "result (their call may have ended a worker) run in a call alone",
+                len(call.passed),
+                task.task_name,
+            )
+            await mark(
+                self.broker.result_backend,
+                [every[index].message.task_id for index in call.passed],
+                len(call.passed),
+            )
         outcomes = await self._call(task, every, call)
         if not call.trivial:
             await self._ack_left_out(every, call)
