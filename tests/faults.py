@@ -11,11 +11,21 @@ connections go to the server directly, so a fault hits the worker only.
   AMQP ``basic.ack`` frame, a NATS ack): the ack is lost in flight.
 - `Proxy.refuse(seconds)` closes every connection and refuses new ones for a
   while: the server is unreachable, then back.
+
+`OwnRedis` is a redis-server of the test's own (stopped and started by pid),
+for a test that restarts its server or counts the commands it received.
 """
 
 import asyncio
 import contextlib
+import signal
+import socket
+import subprocess
 import time
+from pathlib import Path
+
+from tests.conftest import server_answers
+from tests.workers import until
 
 AMQP_BASIC_ACK = b"\x00\x3c\x00\x50"
 """An AMQP method frame's class 60 (basic), method 80 (ack)."""
@@ -129,3 +139,49 @@ class Proxy:
             for each in pair:
                 with contextlib.suppress(Exception):
                     each.transport.abort()
+
+
+class OwnRedis:
+    """A redis-server of the test's own that keeps its data (AOF, fsync always).
+
+    Started and stopped by pid; killed on the way out whatever its state.
+    """
+
+    def __init__(self, port: int, data: Path) -> None:
+        self.port = port
+        self.data = data
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self._spawn()
+        await until(
+            lambda: asyncio.to_thread(server_answers, self.port), 30, "own Redis up"
+        )
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--dir", str(self.data), "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "always"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self.process.wait, 30)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

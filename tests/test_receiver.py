@@ -6,8 +6,10 @@ batchtask:BatchReceiver``.
 """
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from batchtask._grouping import (
 )
 from batchtask._lifecycle import buffered_items
 from tests.conftest import require_server, within
+from tests.faults import OwnRedis, free_port
 from tests.workers import (
     RECEIVER,
     REDIS_URL,
@@ -460,11 +463,22 @@ def test_the_start_up_warning_knows_what_the_receiver_lifts() -> None:
     assert _lifecycle._receiver_limits.get(broker) == 0  # pyright: ignore[reportPrivateUsage]
 
 
-async def test_a_stock_worker_groups_a_batchs_writes_and_names_the_receiver() -> None:
-    """Without --receiver: results in one pipeline, one XACK per batch, one note."""
+async def test_a_stock_worker_groups_a_batchs_writes_and_names_the_receiver(
+    tmp_path: Path,
+) -> None:
+    """Without --receiver: results in one pipeline, one XACK per batch, one note.
+
+    The worker's broker and result backend are on a Redis server of the test's
+    own, so its command counts are this worker's alone.
+    """
     require_broker("stream")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
     queue = new_queue()
-    client = redis.from_url(REDIS_URL)
+    own = OwnRedis(free_port(), tmp_path)
+    await own.start()
+    url = f"redis://127.0.0.1:{own.port}"
+    client = redis.from_url(url)
 
     async def commands() -> dict[str, int]:
         stats = await client.info("commandstats")
@@ -473,19 +487,24 @@ async def test_a_stock_worker_groups_a_batchs_writes_and_names_the_receiver() ->
             for name in ("xack", "set")
         }
 
-    async with serving(
-        queue,
-        BATCHTASK_BROKER="stream",
-        BATCHTASK_BATCH_SIZE="50",
-        BATCHTASK_BATCH_TIMEOUT="60",
-    ) as (worker, app):
-        before = await commands()
-        tasks = await app.double.kiq_many(range(400), "t")
-        results = [await within(t.wait_result(timeout=60), 90) for t in tasks]
-        after = await commands()
-        pending = await client.xpending(queue, queue)
-        log = worker_log(worker)
-    await client.aclose()
+    try:
+        async with serving(
+            queue,
+            BATCHTASK_BROKER="stream",
+            BATCHTASK_BATCH_SIZE="50",
+            BATCHTASK_BATCH_TIMEOUT="60",
+            BATCHTASK_BROKER_URL=url,
+            BATCHTASK_RESULTS_URL=url,
+        ) as (worker, app):
+            before = await commands()
+            tasks = await app.double.kiq_many(range(400), "t")
+            results = [await within(t.wait_result(timeout=60), 90) for t in tasks]
+            after = await commands()
+            pending = await client.xpending(queue, queue)
+            log = worker_log(worker)
+        await client.aclose()
+    finally:
+        own.kill()
 
     xacks, sets = (after[name] - before[name] for name in ("xack", "set"))
     print(f"stock worker, 400 items in batches of 50: {xacks} XACK, {sets} SET calls")

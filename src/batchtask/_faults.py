@@ -187,16 +187,20 @@ class Redeliveries:
         """Whether the result backend holds `task_id`'s result already."""
         if not self.checks_results:
             return False
-        try:
-            return bool(await self.backend.is_result_ready(task_id))
-        except Exception:
-            logger.warning(
-                "batchtask: could not check whether redelivered message %s "
-                "already ran; running it",
-                task_id,
-                exc_info=True,
-            )
-            return False
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                return bool(await self.backend.is_result_ready(task_id))
+            except Exception as exc:
+                if delay is None or not transient(exc):
+                    logger.warning(
+                        "batchtask: could not check whether redelivered message "
+                        "%s already ran; running it",
+                        task_id,
+                        exc_info=True,
+                    )
+                    return False
+                await asyncio.sleep(delay)
+        return False
 
 
 def _times_delivered(reply: object) -> int:
