@@ -169,6 +169,9 @@ class Scenario:
     """Seconds to wait after the last result (acks that follow it)."""
     shutdown: bool = False
     """Shut the worker down gracefully once every message was delivered."""
+    backend: Callable[[Log], InmemoryResultBackend[Any]] = lambda log: RecordingBackend(
+        log
+    )
 
 
 class Row(BaseModel):
@@ -515,7 +518,7 @@ SCENARIOS = [
 async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
     log: Log = {}
     broker = AckingBroker(log)
-    broker.with_result_backend(RecordingBackend(log))
+    broker.with_result_backend(scenario.backend(log))
     broker.add_middlewares(*scenario.middlewares(), Recorder(log))
     task = scenario.define(broker)
     await broker.startup()
@@ -662,3 +665,37 @@ async def test_under_manual_acks_the_native_path_acks_what_the_function_never_sa
     acked = sorted(key for key, events in log.items() if ("ack",) in events)
     assert acked == ["m0#1", "m2#1", "m3#1"]
     assert all(events.count(("ack",)) <= 1 for events in log.values())
+
+
+class FailingWrites(RecordingBackend):
+    """Cannot store m1's result (not a connection fault: it is not retried)."""
+
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        if task_id == "m1":
+            key = delivery(task_id, result.labels)
+            self.log.setdefault(key, []).append(("write failed",))
+            raise TypeError("cannot serialize this result")
+        await super().set_result(task_id, result)
+
+
+async def test_a_result_that_cannot_be_written_is_acked_by_taskiq_only() -> None:
+    """The other difference on purpose: taskiq logs the failed write and acks
+    the message anyway; the native path does not ack it ``when_saved``, so
+    the broker hands it out again rather than leave it without a result."""
+    scenario = Scenario(
+        "a failing result write",
+        per_item,
+        [1, 2, 3],
+        backend=FailingWrites,
+        expect_stored=2,
+        settle=0.1,
+    )
+    stock = await run(scenario, Receiver)
+    native = await run(scenario, BatchReceiver)
+    assert ("write failed",) in stock["m1#1"]
+    assert ("write failed",) in native["m1#1"]
+    assert ("ack",) in stock["m1#1"], "taskiq acks without the result"
+    assert ("ack",) not in native["m1#1"], "no ack without the result"
+    for key in ("m0#1", "m2#1"):
+        assert ("ack",) in native[key]
+        assert native[key] == stock[key]
