@@ -1,14 +1,22 @@
 """Worker drain rate: taskiq's own no-op task vs a batchtask no-op, real workers.
 
     .venv/bin/python bench/drain.py [--items 20000] [--rounds 3]
-        [--brokers stream,rabbitmq,nats] [--json bench/results/drain.json]
+        [--brokers stream,rabbitmq,nats[,postgres]] [--json bench/results/drain.json]
         [--modes plain,batched,lean,plain_lock,batched_lock] [--profile DIR]
 
 Never part of the test run. Needs Redis (127.0.0.1:6379, also the result
 backend and the completion counter for every broker), and RabbitMQ
-(127.0.0.1:5672, guest/guest) and NATS JetStream (127.0.0.1:4222) for those
-brokers; a missing server, a worker that does not start, or a run that stops
-making progress exits nonzero with a message.
+(127.0.0.1:5672, guest/guest), NATS JetStream (127.0.0.1:4222) and
+PostgreSQL (127.0.0.1:5432, database ``test``) for those brokers; a missing
+server, a worker that does not start, or a run that stops making progress
+exits nonzero with a message.
+
+``postgres`` (taskiq-postgres ``AsyncpgBroker``, a table and ``LISTEN``
+channel of the run's own; named in ``--brokers``, not run by default) drains
+only on ``--receiver batchtask:BatchReceiver`` workers: the prefilled rows'
+``NOTIFY``s went out before any worker listened, so a stock worker never sees
+them (modes without the receiver are skipped with a note), while
+``BatchReceiver`` takes up the pending rows as it starts (`batchtask._postgres`).
 
 Modes (one task registered per worker, the same for producer and worker):
 
@@ -146,11 +154,14 @@ BROKERS = {
     "stream": "Redis stream (RedisStreamBroker)",
     "rabbitmq": "RabbitMQ (AioPikaBroker, qos=1000)",
     "nats": "NATS JetStream (PullBasedJetStreamBroker, pull batch 100)",
+    "postgres": "PostgreSQL (taskiq-postgres AsyncpgBroker, LISTEN/NOTIFY)",
 }
+DEFAULT_BROKERS = ["stream", "rabbitmq", "nats"]
 SERVERS = {
     "stream": [("Redis", 6379)],
     "rabbitmq": [("Redis", 6379), ("RabbitMQ", 5672)],
     "nats": [("Redis", 6379), ("NATS", 4222)],
+    "postgres": [("Redis", 6379), ("PostgreSQL", 5432)],
 }
 
 
@@ -291,6 +302,19 @@ def table_name(queue: str) -> str:
     return queue.replace("-", "_")
 
 
+def broker_table(queue: str) -> str:
+    """The ``postgres`` broker's table and channel (not the rows' table)."""
+    return f"{table_name(queue)}_messages"
+
+
+def drains_on(kind: str, mode_name: str) -> bool:
+    """Whether `mode_name` can drain a prefilled queue of `kind`."""
+    mode = MODES[mode_name]
+    if mode.lean:
+        return kind in LEAN_BROKERS
+    return kind != "postgres" or "batchtask:BatchReceiver" in mode.flags
+
+
 async def held(lock: asyncio.Lock) -> float:
     """Hold `lock` for LOCK_SECONDS; return how long it was actually held."""
     async with lock:
@@ -338,6 +362,14 @@ def make_broker(kind: str, queue: str) -> AsyncBroker:
             consumer_config=ConsumerConfig(durable_name=queue, max_ack_pending=5000),
             pull_consume_batch=100,
             pull_consume_timeout=0.5,
+        )
+    elif kind == "postgres":
+        from taskiq_pg.asyncpg import AsyncpgBroker
+
+        broker = AsyncpgBroker(
+            dsn=PG_DSN,
+            channel_name=broker_table(queue),
+            table_name=broker_table(queue),
         )
     else:
         raise DrainError(f"unknown broker {kind!r}; choose from {', '.join(BROKERS)}")
@@ -470,6 +502,19 @@ async def queued(kind: str, queue: str) -> int:
             channel = await connection.channel()
             declared = await channel.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
+    if kind == "postgres":
+        import asyncpg
+
+        connection = await asyncpg.connect(PG_DSN)
+        try:
+            return int(
+                await connection.fetchval(
+                    f"SELECT count(*) FROM {broker_table(queue)} "
+                    "WHERE status = 'pending'"
+                )
+            )
+        finally:
+            await connection.close()
     import nats
 
     client_nats = await nats.connect(NATS_URL)
@@ -507,6 +552,14 @@ async def remove_queue(kind: str, queue: str, task_ids: list[str]) -> None:
                 await client_nats.jetstream().delete_stream(queue)
         finally:
             await client_nats.close()
+    elif kind == "postgres":
+        import asyncpg
+
+        connection = await asyncpg.connect(PG_DSN)
+        try:
+            await connection.execute(f"DROP TABLE IF EXISTS {broker_table(queue)}")
+        finally:
+            await connection.close()
 
 
 async def prefill(kind: str, queue: str, mode_name: str, items: int) -> list[str]:
@@ -1065,7 +1118,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--brokers", default=",".join(BROKERS))
+    parser.add_argument(
+        "--brokers",
+        default=",".join(DEFAULT_BROKERS),
+        help=f"comma-separated, of {', '.join(BROKERS)}",
+    )
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "drain.json")
     parser.add_argument(
@@ -1105,13 +1162,20 @@ async def main() -> int:
                 f"only a Redis stream ({', '.join(LEAN_BROKERS)})",
                 flush=True,
             )
+        stock = [m for m in args.modes if not MODES[m].lean and not drains_on(kind, m)]
+        if stock:
+            print(
+                f"note: {', '.join(stock)} skipped for {kind}: a worker without "
+                "BatchReceiver never sees rows notified before it listened",
+                flush=True,
+            )
     began = time.perf_counter()
     try:
         for round_ in range(args.rounds):
             for kind in args.brokers:
                 order = args.modes if round_ % 2 == 0 else args.modes[::-1]
                 for mode in order:
-                    if MODES[mode].lean and kind not in LEAN_BROKERS:
+                    if not drains_on(kind, mode):
                         continue
                     error = f"{kind} {mode} round {round_ + 1}"
                     run = await measure(kind, mode, args.items, args.profile)

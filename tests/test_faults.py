@@ -43,6 +43,9 @@ from tests.workers import (
     worker_log,
 )
 
+pytestmark = pytest.mark.faults
+"""Mostly waiting on timers: ./scripts/test runs these in parallel processes."""
+
 PORTS = {"stream": 6379, "rabbitmq": 5672, "nats": 4222}
 SCHEMES = {"stream": "redis", "rabbitmq": "amqp", "nats": "nats"}
 AUTH = {"rabbitmq": "guest:guest@"}

@@ -36,6 +36,7 @@ SERVERS = {
     "stream": [("Redis", 6379)],
     "rabbitmq": [("Redis", 6379), ("RabbitMQ", 5672)],
     "nats": [("Redis", 6379), ("NATS", 4222)],
+    "postgres": [("Redis", 6379), ("PostgreSQL", 5432)],
 }
 
 
@@ -166,6 +167,14 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
         with contextlib.suppress(Exception):
             await client_nats.jetstream().delete_stream(queue)
         await client_nats.close()
+    elif app.KIND == "postgres":
+        import asyncpg
+
+        connection = await asyncpg.connect(app.PG_URL)
+        try:
+            await connection.execute(f"DROP TABLE IF EXISTS {app.PG_TABLE}")
+        finally:
+            await connection.close()
 
 
 async def recorded_calls(queue: str) -> list[tuple[int, list[int]]]:

@@ -45,6 +45,7 @@ from batchtask._grouping import (
     GroupedResultBackend,
 )
 from batchtask._native import NativePath
+from batchtask._postgres import PostgresRedelivery
 
 logger = logging.getLogger("batchtask")
 
@@ -81,6 +82,7 @@ class BatchReceiver(Receiver):
         self.group_writes = _flag(group_writes, "group_writes")
         self._acks = GroupedAcks.for_broker(broker) if self.group_writes else None
         self._amqp = AmqpAcks.for_broker(broker) if self.group_writes else None
+        self._postgres = PostgresRedelivery.for_broker(broker)
         changed = _compat.receiver_changes(self)
         self.native: NativePath | None = None
         """The batch-native path; None where taskiq's receiver changed."""
@@ -138,6 +140,8 @@ class BatchReceiver(Receiver):
             await super().prefetcher(queue, finish_event)
             return
         native.start()
+        if self._postgres is not None:
+            self._postgres.start()
         reading = asyncio.ensure_future(self._read(queue))
         finishing = asyncio.ensure_future(finish_event.wait())
         try:
@@ -153,6 +157,8 @@ class BatchReceiver(Receiver):
                 native.close()  # nothing more arrives: run what is buffered now
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
+                if self._postgres is not None:
+                    await self._postgres.stop()
                 queue.put_nowait(_compat.END_OF_DELIVERIES)
         if reading.cancelled():
             return
@@ -233,6 +239,8 @@ class BatchReceiver(Receiver):
             and amqp.delivered(data.ack)
             else None
         )
+        if self._postgres is not None:
+            self._postgres.noted(data)
         if not native.take(data, owns_delivery_slot=True):
             if tracked is not None and isinstance(data, AckableMessage):
                 # taskiq's path acks it through the tracker too, so that a

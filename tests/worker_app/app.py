@@ -5,8 +5,9 @@ Configured by environment variables so each test gets its own queue:
 - BATCHTASK_QUEUE: queue / stream / subject name, and the prefix of the Redis
   keys below;
 - BATCHTASK_BROKER: "list" (Redis ListQueueBroker), "stream" (Redis
-  RedisStreamBroker), "rabbitmq" (taskiq-aio-pika) or "nats" (taskiq-nats
-  PullBasedJetStreamBroker);
+  RedisStreamBroker), "rabbitmq" (taskiq-aio-pika), "nats" (taskiq-nats
+  PullBasedJetStreamBroker) or "postgres" (taskiq-postgres AsyncpgBroker, its
+  table and channel named after the queue with ``_`` for ``-``);
 - BATCHTASK_BATCH_SIZE, BATCHTASK_BATCH_TIMEOUT: the batch settings;
 - BATCHTASK_QOS: RabbitMQ prefetch (``AioPikaBroker(qos=...)``, default 1000);
 - BATCHTASK_REDELIVER_AFTER: seconds after which the broker hands an
@@ -50,6 +51,7 @@ from batchtask._lifecycle import buffered_items
 REDIS_URL = "redis://127.0.0.1:6379"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 NATS_URL = "nats://127.0.0.1:4222"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 BROKER_URL = os.environ.get("BATCHTASK_BROKER_URL")
 RESULTS_URL = os.environ.get("BATCHTASK_RESULTS_URL", REDIS_URL)
 QUEUE = os.environ.get("BATCHTASK_QUEUE", "batchtask-test")
@@ -60,6 +62,8 @@ POISON = (
     int(os.environ["BATCHTASK_POISON"]) if "BATCHTASK_POISON" in os.environ else None
 )
 REDELIVER_AFTER = float(os.environ.get("BATCHTASK_REDELIVER_AFTER", "600"))
+PG_TABLE = QUEUE.replace("-", "_")
+"""The postgres kind's table and channel: the queue name as an identifier."""
 
 
 def make_broker() -> AsyncBroker:
@@ -93,6 +97,14 @@ def make_broker() -> AsyncBroker:
             ),
             pull_consume_batch=100,
             pull_consume_timeout=0.5,
+        )
+    elif KIND == "postgres":
+        from taskiq_pg.asyncpg import AsyncpgBroker
+
+        broker = AsyncpgBroker(
+            dsn=BROKER_URL or PG_URL,
+            channel_name=PG_TABLE,
+            table_name=PG_TABLE,
         )
     else:
         broker = ListQueueBroker(BROKER_URL or REDIS_URL, queue_name=QUEUE)

@@ -1,0 +1,456 @@
+"""Redelivery for taskiq-postgres brokers: claims tagged with their worker, dead workers' claims handed out again.
+
+taskiq-postgres's ``AsyncpgBroker`` keeps each message as a row (``status``
+``'pending'``), announces it with ``NOTIFY``, and a worker claims it by setting
+``status = 'processing'``; the ack deletes the row. Alone, that loses messages
+three ways: a worker that dies leaves its claimed rows ``'processing'``
+forever; a row kicked while nobody listens is never announced again; and a
+dropped ``LISTEN`` connection (or a claim failing on a dropped pool
+connection) silently stops deliveries. `PostgresRedelivery`, run by
+`batchtask.BatchReceiver` on such a broker, closes the three:
+
+- it holds a *lease* connection of its own; its session (``pg_backend_pid()``
+  and ``backend_start``) names this worker process while it lives;
+- every row this worker claims is tagged ``processing:<pid>:<start in µs>``
+  (one ``UPDATE`` for the claims of a loop turn; a tag that failed is made by
+  the next sweep);
+- every `sweep_every` seconds one statement hands out again (``pending`` plus
+  ``pg_notify``) rows whose tag names a session no longer in
+  ``pg_stat_activity``, and untagged ``'processing'`` rows this sweeper has
+  seen untagged for `reclaim_after` seconds (a stock taskiq worker, or a worker
+  that died between claim and tag); it also lists ``'pending'`` rows due for
+  `renotify_after` seconds (at most `STALE_LIMIT`), which this worker then
+  claims as if notified (their notification was lost);
+- at start, and whenever the broker's ``LISTEN`` connection is found closed
+  or not answering (and replaced) or the lease is connected again, every due
+  ``'pending'`` row is handed to this worker's broker as if notified; a new
+  lease re-tags the rows this worker still holds.
+
+Invariants: a row tagged with a live session is never handed out again;
+`held` holds the ids of rows this worker claimed and that still exist (ids
+whose row is gone are dropped at the next sweep); one task, owned here from
+`start` to `stop`, uses the lease connection, so its queries never overlap;
+a sweep or a tag that fails is logged and tried again, it never ends the
+worker. A row due is one whose ``delay`` label (seconds after ``created_at``)
+has passed.
+
+Reads taskiq-postgres's private ``_read_conn``, ``_owns_read_conn``,
+``_notification_handler`` and ``_queue`` of the broker, and the row id as the
+ack closure's ``_message_id`` keyword default (taskiq-postgres 0.9). The lease
+must be a session of its own (no transaction-pooling proxy in between).
+"""  # noqa: E501
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from typing import Any, Final, cast
+
+from taskiq import AckableMessage, AsyncBroker
+
+from batchtask._faults import transient
+
+logger = logging.getLogger("batchtask")
+
+STALE_LIMIT: Final = 1000
+"""Pending rows one sweep hands over for a lost notification, at most."""
+SWEEP_LIMIT: Final = 30.0
+"""Seconds one sweep (connecting included) may take before it is abandoned."""
+PROBE_LIMIT: Final = 10.0
+"""Seconds the ``LISTEN`` connection may take to answer ``SELECT 1``."""
+CONNECT_TIMEOUT: Final = 10.0
+"""``asyncpg.connect`` timeout unless the broker's ``read_kwargs`` set one."""
+
+_SESSION_TAG: Final = (
+    "'processing:' || a.pid || ':' || "
+    "(extract(epoch FROM a.backend_start) * 1000000)::bigint"
+)
+"""The tag of the session of ``pg_stat_activity`` row ``a``, in SQL."""
+
+_DUE: Final = (
+    "created_at + make_interval(secs => CASE WHEN labels->>'delay' "
+    "~ '^[0-9]+(\\.[0-9]+)?$' THEN (labels->>'delay')::float8 ELSE 0 END)"
+)
+"""When a row is due: ``created_at`` plus its ``delay`` label, in SQL."""
+
+_OWN_TAG: Final = (
+    f"SELECT {_SESSION_TAG} FROM pg_stat_activity AS a WHERE a.pid = pg_backend_pid()"
+)
+
+_TAG: Final = (
+    "UPDATE {table} SET status = $2 "
+    "WHERE id = ANY($1::bigint[]) AND status = 'processing'"
+)
+
+_RETAG: Final = (
+    "UPDATE {table} SET status = $2 WHERE id = ANY($1::bigint[]) "
+    "AND status IN ('processing', 'pending', $3) RETURNING id"
+)
+"""Take back the rows still held here: untagged, under the old tag, or handed
+out again but not claimed yet."""
+
+_PENDING: Final = (
+    "SELECT id FROM {table} WHERE status = 'pending' AND " + _DUE + " <= now() "
+    "ORDER BY id"
+)
+
+_SWEEP: Final = (
+    "WITH dead AS ("
+    " UPDATE {table} AS m SET status = 'pending'"
+    " WHERE m.status LIKE 'processing:%'"
+    " AND NOT EXISTS (SELECT 1 FROM pg_stat_activity AS a"
+    "  WHERE a.pid::text = split_part(m.status, ':', 2)"
+    f"  AND (a.backend_start IS NULL OR {_SESSION_TAG} = m.status))"
+    " RETURNING m.id"
+    "), overdue AS ("
+    " UPDATE {table} AS m SET status = 'pending'"
+    " WHERE m.id = ANY($2::bigint[]) AND m.status = 'processing'"
+    " RETURNING m.id"
+    "), tagged AS ("
+    " UPDATE {table} SET status = $6"
+    " WHERE id = ANY($3::bigint[]) AND status = 'processing'"
+    ")"
+    " SELECT 'dead' AS kind, id, pg_notify($1, id::text)::text FROM dead"
+    " UNION ALL SELECT 'overdue', id, pg_notify($1, id::text)::text FROM overdue"
+    " UNION ALL SELECT 'untagged', id, NULL FROM {table}"
+    "  WHERE status = 'processing' AND NOT id = ANY($3::bigint[])"
+    " UNION ALL (SELECT 'stale', id, NULL FROM {table}"
+    "  WHERE status = 'pending' AND " + _DUE + " < now() - make_interval(secs => $4)"
+    "  ORDER BY id LIMIT $5)"
+    " UNION ALL SELECT 'gone', h, NULL FROM unnest($3::bigint[]) AS h"
+    "  WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE id = h)"
+)
+"""One sweep: hand out (and notify on channel $1) the rows of dead sessions and
+the overdue untagged ones ($2); tag with $6 the held rows ($3) still untagged (a
+tag that failed); list the untagged rows not held here, the pending rows due for
+$4 seconds (at most $5) and the held ids whose row is gone. The lists read the
+table as it was before the statement's own updates."""
+
+
+class PostgresRedelivery:
+    """Tags this worker's claims and hands out dead workers' (see the module)."""
+
+    def __init__(
+        self,
+        broker: Any,
+        *,
+        sweep_every: float = 2.0,
+        reclaim_after: float = 600.0,
+        renotify_after: float = 30.0,
+    ) -> None:
+        """Serve `broker`, a taskiq-postgres ``AsyncpgBroker`` (see `for_broker`)."""
+        self.broker: Any = broker
+        self.sweep_every = sweep_every
+        self.reclaim_after = reclaim_after
+        self.renotify_after = renotify_after
+        self.held: set[int] = set()
+        """Ids of the rows this worker claimed, until their row is gone."""
+        self.tag: str | None = None
+        """This worker's tag, ``processing:<pid>:<start in µs>``; None until
+        the lease is connected."""
+        self._asyncpg: Any = importlib.import_module("asyncpg")
+        table = broker.table_name
+        self._sql = {
+            name: query.replace("{table}", table)
+            for name, query in {
+                "tag": _TAG,
+                "retag": _RETAG,
+                "pending": _PENDING,
+                "sweep": _SWEEP,
+            }.items()
+        }
+        self._lease: Any = None
+        self._fresh: list[int] = []
+        """Ids noted since the last tag, to tag next."""
+        self._untagged_since: dict[int, float] = {}
+        """Untagged ``'processing'`` rows not held here: when first seen."""
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_broker(cls, broker: AsyncBroker) -> "PostgresRedelivery | None":
+        """Redelivery for taskiq-postgres's ``AsyncpgBroker``, else None.
+
+        Recognised by its class's name and module, so batchtask imports
+        without taskiq-postgres installed.
+        """
+        if not any(
+            kind.__name__ == "AsyncpgBroker" and kind.__module__.startswith("taskiq_pg")
+            for kind in type(broker).__mro__
+        ):
+            return None
+        missing = [
+            name
+            for name in (
+                "_notification_handler",
+                "table_name",
+                "channel_name",
+                "dsn",
+                "read_kwargs",
+            )
+            if not hasattr(broker, name)
+        ]
+        if missing:
+            logger.warning(
+                "batchtask: this taskiq-postgres AsyncpgBroker has no %s; a worker "
+                "that dies keeps its messages claimed (no redelivery)",
+                ", ".join(missing),
+            )
+            return None
+        return cls(broker)
+
+    def start(self) -> None:
+        """Start tagging and sweeping (the first sweep connects the lease)."""
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop sweeping and close the lease: this worker's rows become reclaimable."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        await self._drop_lease(graceful=True)
+
+    def noted(self, data: bytes | AckableMessage) -> None:
+        """Note one delivery of the broker: its row is tagged within a loop turn."""
+        if not isinstance(data, AckableMessage):
+            return
+        row = _row_id(data.ack)
+        if row is None:
+            return
+        self.held.add(row)
+        self._fresh.append(row)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        """Tag what was noted, sweep every `sweep_every` seconds, until stopped."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            try:
+                if loop.time() >= due:
+                    await self._sweep()
+                    due = loop.time() + self.sweep_every
+                elif self._fresh and self._lease is not None:
+                    await self._tag_fresh()
+                else:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(due - loop.time()):
+                            await self._wake.wait()
+            except Exception:  # a bug here must not end redelivery
+                logger.exception("batchtask: PostgreSQL redelivery failed; going on")
+                due = loop.time() + self.sweep_every
+
+    async def _tag_fresh(self) -> None:
+        rows, self._fresh = self._fresh, []
+        try:
+            await self._lease.execute(self._sql["tag"], rows, self.tag)
+        except Exception as error:
+            # The next sweep tags them (or the next lease, if this one is lost).
+            await self._lease_failed(error, f"tagging {len(rows)} claimed message(s)")
+
+    async def _sweep(self) -> None:
+        try:
+            async with asyncio.timeout(SWEEP_LIMIT):
+                await self._connect_lease()
+        except Exception as error:
+            await self._lease_failed(error, "connecting")
+            return
+        try:
+            async with asyncio.timeout(SWEEP_LIMIT):
+                await self._keep_listening()
+        except Exception as error:
+            logger.warning(
+                "batchtask: could not listen on the broker's channel again (%r); "
+                "trying again in %.1f s",
+                error,
+                self.sweep_every,
+            )
+        try:
+            async with asyncio.timeout(SWEEP_LIMIT):
+                await self._reclaim()
+        except Exception as error:
+            await self._lease_failed(error, "sweeping")
+
+    async def _connect(self) -> Any:
+        broker = self.broker
+        options = {"timeout": CONNECT_TIMEOUT, **broker.read_kwargs}
+        return await self._asyncpg.connect(broker.dsn, **options)
+
+    async def _connect_lease(self) -> None:
+        """Connect the lease if it is not; take the new tag and re-tag the held rows."""
+        if self._lease is not None and not self._lease.is_closed():
+            return
+        await self._drop_lease(graceful=False)
+        lease = await self._connect()
+        try:
+            tag = str(await lease.fetchval(_OWN_TAG))
+            self._fresh = []  # every id noted so far is in `held`, re-tagged now
+            held = list(self.held)
+            retagged: list[Any] = (
+                await lease.fetch(self._sql["retag"], held, tag, self.tag or "")
+                if held
+                else []
+            )
+            handed = await self._hand_over_pending(lease)
+        except BaseException:
+            lease.terminate()
+            raise
+        first, self._lease, self.tag = self.tag is None, lease, tag
+        if first:
+            logger.info(
+                "batchtask: PostgreSQL redelivery on (%s); %d pending message(s) "
+                "taken up",
+                tag,
+                handed,
+            )
+        else:
+            logger.warning(
+                "batchtask: PostgreSQL lease connected again (%s): %d of %d held "
+                "message(s) tagged again, %d pending message(s) taken up",
+                tag,
+                len(retagged),
+                len(held),
+                handed,
+            )
+
+    async def _keep_listening(self) -> None:
+        """Listen again if the broker's ``LISTEN`` connection is closed or mute."""
+        broker = self.broker
+        read = getattr(broker, "_read_conn", None)
+        if read is not None and not read.is_closed():
+            try:
+                async with asyncio.timeout(PROBE_LIMIT):
+                    await read.fetchval("SELECT 1")
+            except Exception as error:
+                logger.warning(
+                    "batchtask: the broker's LISTEN connection does not answer (%r)",
+                    error,
+                )
+            else:
+                return
+        conn = await self._connect()
+        try:
+            await conn.add_listener(broker.channel_name, broker._notification_handler)
+            handed = await self._hand_over_pending(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        broker._read_conn = conn
+        broker._owns_read_conn = True  # closed by the broker's shutdown
+        if read is not None:
+            read.terminate()
+        logger.warning(
+            "batchtask: the broker's LISTEN connection was lost; listening on a "
+            "new one, %d pending message(s) taken up",
+            handed,
+        )
+
+    async def _reclaim(self) -> None:
+        """One sweep statement; hand over stale pending rows; track untagged ones."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        overdue = [
+            row
+            for row, since in self._untagged_since.items()
+            if now - since >= self.reclaim_after and row not in self.held
+        ]
+        held = list(self.held)
+        records = await self._lease.fetch(
+            self._sql["sweep"],
+            self.broker.channel_name,
+            overdue,
+            held,
+            self.renotify_after,
+            STALE_LIMIT,
+            self.tag,
+        )
+        found: dict[str, list[int]] = {
+            kind: [] for kind in ("dead", "overdue", "untagged", "stale", "gone")
+        }
+        for record in records:
+            found[str(record["kind"])].append(int(record["id"]))
+        self.held.difference_update(found["gone"])
+        handed_out = set(found["overdue"])
+        untagged = [row for row in found["untagged"] if row not in handed_out]
+        seen = self._untagged_since
+        self._untagged_since = {row: seen.get(row, now) for row in untagged}
+        stale = self._hand_over(found["stale"])
+        if found["dead"] or found["overdue"]:
+            logger.warning(
+                "batchtask: %d claimed message(s) handed out again: %d of workers "
+                "that are gone, %d untagged for over %.0f s",
+                len(found["dead"]) + len(found["overdue"]),
+                len(found["dead"]),
+                len(found["overdue"]),
+                self.reclaim_after,
+            )
+        if stale:
+            logger.warning(
+                "batchtask: %d message(s) pending for over %.0f s taken up (their "
+                "notification was lost)",
+                stale,
+                self.renotify_after,
+            )
+
+    async def _hand_over_pending(self, conn: Any) -> int:
+        """Take up every due pending row as if notified; how many."""
+        records = await conn.fetch(self._sql["pending"])
+        return self._hand_over([int(record["id"]) for record in records])
+
+    def _hand_over(self, rows: list[int]) -> int:
+        """Give `rows` to the broker's ``listen()`` as notifications would.
+
+        Rows already waiting in its queue are left out; how many were given.
+        """
+        if not rows:
+            return 0
+        broker = self.broker
+        waiting = getattr(broker, "_queue", None)
+        queued: set[object] = set(getattr(waiting, "_queue", ()))
+        given = 0
+        for row in rows:
+            payload = str(row)
+            if payload not in queued:
+                broker._notification_handler(None, 0, broker.channel_name, payload)
+                given += 1
+        return given
+
+    async def _lease_failed(self, error: Exception, doing: str) -> None:
+        lease = self._lease
+        lost = lease is None or lease.is_closed() or transient(error)
+        logger.warning(
+            "batchtask: PostgreSQL redelivery: %s failed (%r)%s; trying again in "
+            "%.1f s",
+            doing,
+            error,
+            ", connecting again" if lost else "",
+            self.sweep_every,
+        )
+        if lost:
+            await self._drop_lease(graceful=False)
+
+    async def _drop_lease(self, *, graceful: bool) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None or lease.is_closed():
+            return
+        if graceful:
+            try:
+                await lease.close(timeout=2.0)
+            except Exception:
+                lease.terminate()
+        else:
+            lease.terminate()
+
+
+def _row_id(ack: object) -> int | None:
+    """The row id an ``AsyncpgBroker`` ack deletes, or None if `ack` is not one."""
+    if not getattr(ack, "__qualname__", "").endswith("listen.<locals>.ack"):
+        return None
+    defaults: object = getattr(ack, "__kwdefaults__", None)
+    if not isinstance(defaults, dict):
+        return None
+    row = cast("dict[str, object]", defaults).get("_message_id")
+    return row if isinstance(row, int) and not isinstance(row, bool) else None
