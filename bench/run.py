@@ -15,6 +15,9 @@ printing its own table:
   ``lean.py`` (redis-py alone, no taskiq) draining the same messages;
 - ``drain.py`` PostgreSQL modes on a Redis stream, and ``pg_direct.py``
   (the database alone);
+- ``drain.py`` on taskiq-postgres's broker (``batched``, ``batched_lock``;
+  under BatchReceiver, which hands out a dead worker's rows again), set
+  against the same modes on the Redis stream in this run;
 - ``kiq_many.py``: producer side, ``kiq_many`` vs a loop of ``kiq``;
 - ``machinery.py``: in-process cost per item (also BatchReceiver's native
   path);
@@ -270,6 +273,20 @@ def goals(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 "plain",
                 (">=", 1.5),
                 f"3. no --receiver, {BROKER_LABELS[kind]}: batched_defaults / plain",
+            )
+        )
+    pg_broker = figures["drain_pgbroker"].get("postgres", {})
+    for mode in ("batched", "batched_lock"):
+        rows.append(
+            rate_row(
+                f"also: {mode}, PostgreSQL broker (taskiq-postgres) / Redis stream",
+                {
+                    "postgres": pg_broker.get(mode, []),
+                    "stream": drain.get("stream", {}).get(mode, []),
+                },
+                "postgres",
+                "stream",
+                None,
             )
         )
     pg = figures["drain_pg"].get("stream", {})
@@ -530,6 +547,17 @@ def main() -> int:
         str(RESULTS / "drain-pg.json"),
     )
     step(
+        "also: drain, PostgreSQL broker",
+        "drain.py",
+        *common,
+        "--brokers",
+        "postgres",
+        "--modes",
+        "batched,batched_lock",
+        "--json",
+        str(RESULTS / "drain-pgbroker.json"),
+    )
+    step(
         "4 PostgreSQL alone",
         "pg_direct.py",
         "--rows",
@@ -581,6 +609,7 @@ def main() -> int:
         "drain_rounds": drain_rounds(load("drain.json")),
         "drain_pg": drain_rates(load("drain-pg.json")),
         "drain_pg_rounds": drain_rounds(load("drain-pg.json")),
+        "drain_pgbroker": drain_rates(load("drain-pgbroker.json")),
         "pg_direct": load("pg-direct.json"),
         "kiq_many": load("kiq-many.json"),
         "machinery": load("machinery.json"),
@@ -603,6 +632,7 @@ def main() -> int:
                 "taskiq-aio-pika",
                 "taskiq-nats",
                 "asyncpg",
+                "taskiq-postgres",
             )
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -615,7 +645,11 @@ def main() -> int:
         "machine": machine,
         "total_s": time.perf_counter() - began,
         "goals": rows,
-        "rates": {"drain": figures["drain"], "drain_pg": figures["drain_pg"]},
+        "rates": {
+            "drain": figures["drain"],
+            "drain_pg": figures["drain_pg"],
+            "drain_pgbroker": figures["drain_pgbroker"],
+        },
     }
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     chart(figures, RESULTS / "throughput.png", stamp)
