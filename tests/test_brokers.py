@@ -35,6 +35,9 @@ from tests.workers import (
     worker_log,
 )
 
+pytestmark = pytest.mark.workers
+"""Real workers waiting on timers: ./scripts/test runs these in parallel."""
+
 KINDS = ["list", "stream", "rabbitmq", "nats"]
 ACKING = {"stream", "rabbitmq", "nats"}
 

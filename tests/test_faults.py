@@ -43,7 +43,7 @@ from tests.workers import (
     worker_log,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.workers
 """Mostly waiting on timers: ./scripts/test runs these in parallel processes."""
 
 PORTS = {"stream": 6379, "rabbitmq": 5672, "nats": 4222}

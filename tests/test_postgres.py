@@ -40,7 +40,7 @@ from tests.workers import (
     worker_log,
 )
 
-pytestmark = pytest.mark.faults
+pytestmark = pytest.mark.workers
 """Real workers waiting on timers: ./scripts/test runs these in parallel."""
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
