@@ -30,16 +30,12 @@ from batchtask._faults import RETRY_DELAYS
 from tests.faults import AMQP_BASIC_ACK, OwnRedis, Proxy, free_port
 from tests.workers import (
     RECEIVER,
-    app_env,
-    kill,
     new_queue,
     processed,
-    producer,
     received,
     require_broker,
-    start_worker,
+    serving,
     until,
-    wait_listening,
     worker_log,
 )
 
@@ -94,20 +90,15 @@ async def rig(kind: str, **settings: str) -> AsyncIterator[Rig]:
         **settings,
     }
     async with Proxy(PORTS[kind]) as broker_proxy, Proxy(6379) as results_proxy:
-        worker_settings = {
-            **base,
+        through = {
             "BATCHTASK_BROKER_URL": broker_proxy.url(SCHEMES[kind], AUTH.get(kind, "")),
             "BATCHTASK_RESULTS_URL": results_proxy.url("redis"),
         }
-        with app_env(queue, **worker_settings) as env:
-            worker = start_worker(env, "--workers", "1", *RECEIVER)
-        try:
-            await wait_listening(worker)
-            with app_env(queue, **base):
-                async with producer(queue) as app:
-                    yield Rig(worker, app, queue, broker_proxy, results_proxy)
-        finally:
-            kill(worker)
+        async with serving(queue, *RECEIVER, worker_only=through, **base) as (
+            worker,
+            app,
+        ):
+            yield Rig(worker, app, queue, broker_proxy, results_proxy)
 
 
 async def _at_least(count: Any, n: int) -> bool:
@@ -274,25 +265,16 @@ async def test_a_restarted_redis_keeping_its_data_loses_nothing(tmp_path: Path) 
     redis_server = OwnRedis(port, tmp_path)
     await redis_server.start()
     try:
-        with app_env(queue, **settings) as env:
-            worker = start_worker(env, "--workers", "1", *RECEIVER)
-        try:
-            await wait_listening(worker)
-            with app_env(queue, **settings):
-                async with producer(queue) as app:
-                    tasks = await kick(app, "x")
-                    await until(
-                        lambda: _at_least(received(queue), COUNT), 60, "all received"
-                    )
-                    await redis_server.stop()
-                    down_at = time.monotonic()
-                    await asyncio.sleep(5.0)
-                    await redis_server.start()
-                    up_after = time.monotonic() - down_at
-                    tally = await settle(app, queue, worker, tasks, quiet=3)
-                    log = worker_log(worker)
-        finally:
-            kill(worker)
+        async with serving(queue, *RECEIVER, **settings) as (worker, app):
+            tasks = await kick(app, "x")
+            await until(lambda: _at_least(received(queue), COUNT), 60, "all received")
+            await redis_server.stop()
+            down_at = time.monotonic()
+            await asyncio.sleep(5.0)
+            await redis_server.start()
+            up_after = time.monotonic() - down_at
+            tally = await settle(app, queue, worker, tasks, quiet=3)
+            log = worker_log(worker)
     finally:
         redis_server.kill()
     print(tally.line(f"Redis restarted, down {up_after:.1f} s", "stream"))

@@ -130,19 +130,24 @@ async def producer(queue: str) -> AsyncIterator[ModuleType]:
 
 @asynccontextmanager
 async def serving(
-    queue: str, *flags: str, **settings: str
+    queue: str,
+    *flags: str,
+    worker_only: dict[str, str] | None = None,
+    **settings: str,
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], ModuleType]]:
     """One listening worker process (``--workers 1`` plus `flags`) serving the
-    app configured by `settings` on `queue`, and the app on the producer side;
-    the worker is killed on the way out, whatever state it is in."""
-    with app_env(queue, **settings) as env:
+    app configured by `settings` (and `worker_only`, such as a fault test's
+    proxy addresses) on `queue`, and the app on the producer side; the
+    worker is killed on the way out, whatever state it is in."""
+    with app_env(queue, **settings, **(worker_only or {})) as env:
         worker = start_worker(env, "--workers", "1", *flags)
-        try:
-            await wait_listening(worker)
+    try:
+        await wait_listening(worker)
+        with app_env(queue, **settings):
             async with producer(queue) as app:
                 yield worker, app
-        finally:
-            kill(worker)
+    finally:
+        kill(worker)
 
 
 async def remove_queue(app: ModuleType, queue: str) -> None:
