@@ -128,6 +128,7 @@ class Redeliveries:
         self.skipped = 0
         """Redelivered copies acked without a call so far."""
         self._asking: list[tuple[tuple[Any, Any], asyncio.Future[int]]] = []
+        self._asks: set[asyncio.Task[None]] = set()
 
     async def delivered_before(self, data: AckableMessage, broker: AsyncBroker) -> bool:
         """Whether a Redis stream entry's delivery count is above 1 (XPENDING).
@@ -140,9 +141,16 @@ class Redeliveries:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         if not self._asking:
-            loop.call_soon(lambda: asyncio.ensure_future(self._ask(broker)))
+            loop.call_soon(self._start_asking, broker)
         self._asking.append((target, future))
         return await future > 1
+
+    def _start_asking(self, broker: Any) -> None:
+        # Held here until done: a task nothing refers to may be collected
+        # mid-flight, and its askers would wait forever.
+        task = asyncio.ensure_future(self._ask(broker))
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
 
     async def _ask(self, broker: Any) -> None:
         asking, self._asking = self._asking, []
