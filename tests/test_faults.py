@@ -173,7 +173,7 @@ async def test_a_dropped_broker_connection_loses_nothing_and_reruns_no_finished_
     connection (or, where the broker took the delivery back, the redelivered
     copy is recognised and acked without a second call)."""
     if moment == "buffered":
-        settings = {"BATCHTASK_BATCH_SIZE": "1000", "BATCHTASK_BATCH_TIMEOUT": "4"}
+        settings = {"BATCHTASK_BATCH_SIZE": "1000", "BATCHTASK_BATCH_TIMEOUT": "8"}
         tag = "x"
     else:
         settings = {"BATCHTASK_BATCH_SIZE": str(COUNT), "BATCHTASK_BATCH_TIMEOUT": "60"}

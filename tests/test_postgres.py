@@ -239,7 +239,7 @@ async def test_dropped_connections_lose_nothing_and_run_nothing_twice(
     are kicked, notified while the worker has no LISTEN connection. Nothing
     is lost, nothing runs twice, the worker process keeps serving."""
     if moment == "buffered":
-        settings = {"BATCHTASK_BATCH_SIZE": "1000", "BATCHTASK_BATCH_TIMEOUT": "4"}
+        settings = {"BATCHTASK_BATCH_SIZE": "1000", "BATCHTASK_BATCH_TIMEOUT": "10"}
         tag = "x"
     else:
         settings = {"BATCHTASK_BATCH_SIZE": str(COUNT), "BATCHTASK_BATCH_TIMEOUT": "60"}
