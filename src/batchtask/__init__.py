@@ -26,6 +26,9 @@ from batchtask._lifecycle import flush_all
 from batchtask._task import BatchKicker, BatchTask, batch_task
 from batchtask.worker import BatchReceiver
 
+__version__ = "0.2.0"
+"""The one source of the version: pyproject.toml and the docs read it."""
+
 __all__ = [
     "BatchArgumentError",
     "BatchCallError",
@@ -44,6 +47,7 @@ __all__ = [
     "PartialFailure",
     "PoisonItemError",
     "ResultsMode",
+    "__version__",
     "batch_task",
     "flush_all",
 ]

@@ -9,7 +9,10 @@ future of its own while the item waits:
   middlewares (an async one gets a short-lived task for its message), the ack
   type, ``when_received`` acks (one round trip for the arrivals of a loop
   turn), argument parsing, binding and item validation; then the item joins
-  its batch. A message that fails here ends alone, as on taskiq's path;
+  its batch. A message that fails here ends alone, as on taskiq's path.
+  With middleware hooks or a tracer, each message gets its own copy of the
+  listener's context, where all its hooks run (as taskiq runs them in the
+  message's own task);
 - per call (`NativePath.run`): dependencies resolved once, with a taskiq
   ``Context`` and a `BatchContext` for the whole call; the function called
   once (`batchtask._outcomes.settle`: shared, per-item, partial, bisect);
@@ -38,6 +41,7 @@ cancelled.
 """
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -63,7 +67,7 @@ from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.receiver.params_parser import parse_params
 from taskiq.serializers import JSONSerializer
 
-from batchtask import _lifecycle
+from batchtask import _lifecycle, _spans
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
@@ -128,6 +132,10 @@ class NativeItem:
     """The delivery as received: a redelivered copy matches it byte for byte."""
     cap: int = 0
     """A suspect's largest call (`batchtask._suspects`); 0: not a suspect."""
+    context: contextvars.Context | None = None
+    """Its own context, where its middleware hooks run (None: no hook to run)."""
+    note: object = None
+    """What a tracer noted for it (`batchtask._spans`)."""
 
 
 class NativePath:
@@ -165,6 +173,9 @@ class NativePath:
         self._post_save: list[TaskiqMiddleware] = []
         self.redeliveries = Redeliveries(self.broker.result_backend)
         self.gate = Gate()
+        self._tracer: _spans.CallTracer | None = None
+        self._own_contexts = False
+        """Whether each message gets its own context (`_intake`)."""
 
     def start(self) -> None:
         """Read the broker's tasks and middlewares as they are when listening starts."""
@@ -174,6 +185,10 @@ class NativePath:
         self._on_error = _overriding(reversed(middlewares), "on_error")
         self._post_execute = _overriding(reversed(middlewares), "post_execute")
         self._post_save = _overriding(reversed(middlewares), "post_save")
+        self._tracer = _spans.tracer_of(self.broker)
+        self._own_contexts = self._tracer is not None or any(
+            (self._pre_execute, self._on_error, self._post_execute, self._post_save)
+        )
         self.redeliveries.backend = self.broker.result_backend
 
     # -- arrival ---------------------------------------------------------
@@ -303,12 +318,29 @@ class NativePath:
     def _intake(
         self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
     ) -> None:
-        """``pre_execute`` middlewares, then into the batch."""
+        """``pre_execute`` middlewares, then into the batch.
+
+        With middleware hooks or a tracer, in the message's own copy of this
+        context, where its later hooks run too: as taskiq runs a message's
+        hooks and function in one asyncio task of its own, so what a hook
+        sets there (an OpenTelemetry span, a context variable) is the
+        message's alone, and the batch's call sees its first message's.
+        """
+        if self._own_contexts:
+            item.context = contextvars.copy_context()
+            item.context.run(self._intake_here, task, item)
+        else:
+            self._intake_here(task, item)
+
+    def _intake_here(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+    ) -> None:
         for index, middleware in enumerate(self._pre_execute):
             returned = middleware.pre_execute(item.message)
             if inspect.isawaitable(returned):
-                intake = asyncio.ensure_future(
-                    self._take_later(task, item, returned, index + 1)
+                intake = asyncio.get_running_loop().create_task(
+                    self._take_later(task, item, returned, index + 1),
+                    context=item.context,
                 )
                 self._intakes.add(intake)
                 intake.add_done_callback(self._intakes.discard)
@@ -378,6 +410,8 @@ class NativePath:
         except Exception as exc:
             self._spawn(self._end_alone(item, exc))
             return
+        if self._tracer is not None:
+            item.note = self._tracer.note()
         batcher = self._batcher_of(task, item.cap)
         entry = batcher.submit(item.bound.key, item, weight=item.measured.weight)
         timeout = message.labels.get("timeout")
@@ -522,7 +556,7 @@ class NativePath:
                 [every[index].message.task_id for index in call.passed],
                 len(call.passed),
             )
-        outcomes = await self._call(task, every, call)
+        outcomes = await self._call(task, batch, every, call)
         if not call.trivial:
             await self._ack_left_out(every, call)
         outcomes = call.spread(len(every), outcomes)
@@ -538,6 +572,7 @@ class NativePath:
     async def _call(
         self,
         task: BatchTask[Any, ..., ..., Any, Any],
+        batch: Batch[NativeItem, Any],
         every: list[NativeItem],
         call: CallPlan,
     ) -> list[Outcome]:
@@ -587,7 +622,20 @@ class NativePath:
                 )
                 injected = await resolver.resolve_kwargs()
             leader = items[0].bound._replace(injected=injected)
-            outcomes = await task.outcomes([item.bound.item for item in items], leader)
+            scope = None
+            if self._tracer is not None:
+                scope = _spans.scope(
+                    self._tracer,
+                    task.task_name,
+                    leader.args,
+                    leader.kwargs,
+                    batch.reason,
+                    batch.opened_at,
+                    [item.note for item in items],
+                )
+            outcomes = await task.outcomes(
+                [item.bound.item for item in items], leader, scope
+            )
         except Exception as exc:  # resolving a dependency failed: every item fails
             outcomes = [Outcome(exc)] * len(items)
         except BaseException:  # cancelled: every item's time ran out
@@ -842,8 +890,16 @@ async def _each(
     kept: Finished = []
     waiting: list[tuple[int, Awaitable[Any]]] = []
     for index, (item, result) in enumerate(results):
+        context = item.context
         try:
-            returned = hook(item, result)
+            if context is None:
+                returned = hook(item, result)
+            else:  # where its pre_execute ran (`NativePath._intake`)
+                returned = context.run(hook, item, result)
+                if inspect.iscoroutine(returned):
+                    returned = asyncio.get_running_loop().create_task(
+                        returned, context=context
+                    )
         except Exception:
             logger.exception(
                 "batchtask: a middleware raised for %s", item.message.task_id

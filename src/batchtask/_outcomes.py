@@ -6,6 +6,7 @@
 - A raised exception fails every item of the call, unless bisecting, which
   calls each half again until the failing items are alone.
 - `PartialFailure` fails the items it names and gives the others their results.
+- With a tracer (`batchtask._spans`), each call runs inside its scope.
 - A `BaseException` that is not an `Exception` (say an `asyncio.CancelledError`
   raised inside the function) fails the items with `BatchCallError`; only a
   cancellation of the batch itself propagates.
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 
 from batchtask._config import ResultsMode
 from batchtask._errors import BatchCallError, BatchResultError, PartialFailure
+from batchtask._spans import Scope
 
 
 class Outcome(NamedTuple):
@@ -37,14 +39,25 @@ async def settle(
     task_name: str,
     results: ResultsMode,
     bisect: bool,
+    scope: Scope | None = None,
 ) -> list[Outcome]:
-    """Call `call` on `items` (in halves when bisecting) and return one outcome each."""
+    """Call `call` on `items` (in halves when bisecting) and return one outcome each.
+
+    With `scope`, each call runs inside ``scope(start, stop, attempt)``.
+    """
     outcomes: list[Outcome] = [Outcome(None)] * len(items)
+    attempts = 0
 
     async def attempt(start: int, stop: int) -> None:
+        nonlocal attempts
         chunk = list(items[start:stop])
+        attempts += 1
         try:
-            returned = await call(chunk)
+            if scope is None:
+                returned = await call(chunk)
+            else:
+                with scope(start, stop, attempts):
+                    returned = await call(chunk)
         except PartialFailure as partial:
             outcomes[start:stop] = _partial(partial, len(chunk), task_name, results)
             return

@@ -54,7 +54,7 @@ from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.scheduler.created_schedule import CreatedSchedule
 from taskiq.utils import maybe_awaitable
 
-from batchtask import _lifecycle
+from batchtask import _lifecycle, _spans
 from batchtask._batcher import Batch, Batcher, RunBatch
 from batchtask._bulk import kick_many
 from batchtask._config import (
@@ -76,6 +76,7 @@ from batchtask._shaping import (
     stamp_send_time,
 )
 from batchtask._signature import BatchSignature, BoundItem
+from batchtask._spans import Scope
 
 if TYPE_CHECKING:
     from taskiq.scheduler.scheduled_task import CronSpec
@@ -100,6 +101,8 @@ class StockItem:
     """Its message's labels, where taskiq's path lets them be known."""
     received: float
     """``time.time()`` on arrival."""
+    note: object = None
+    """What a tracer noted for its message (`batchtask._spans`)."""
 
 
 class BatchKicker(AsyncKicker[EntryP, ResultT]):
@@ -298,6 +301,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         bind = self.signature.bind
         batcher_here = self._batcher
         note_caller = _lifecycle.note_caller
+        tracer_of = _spans.tracer_of
         task = self
 
         async def entry(*args: Any, **kwargs: Any) -> Any:
@@ -306,9 +310,16 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             bound = bind(args, kwargs)
             measured = measure(task.config, task.task_name, bound.item)
             batcher, in_place = batcher_here()
+            tracer = tracer_of(task.broker)
             item = batcher.submit(
                 bound.key,
-                StockItem(bound, measured, current_labels(), time.time()),
+                StockItem(
+                    bound,
+                    measured,
+                    current_labels(),
+                    time.time(),
+                    None if tracer is None else tracer.note(),
+                ),
                 weight=measured.weight,
                 flush_now=in_place,
             )
@@ -385,10 +396,13 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         broker = self.broker
         return isinstance(broker, InMemoryBroker) and broker.await_inplace
 
-    async def outcomes(self, items: list[Any], leader: BoundItem) -> list[Outcome]:
+    async def outcomes(
+        self, items: list[Any], leader: BoundItem, scope: Scope | None = None
+    ) -> list[Outcome]:
         """Call the function for `items` (bisecting if set): one outcome each.
 
-        The call's extra and injected arguments are `leader`'s.
+        The call's extra and injected arguments are `leader`'s; each call
+        runs inside `scope` where given (a tracer's).
         """
 
         async def call(chunk: list[Any]) -> Any:
@@ -400,6 +414,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             task_name=self.task_name,
             results=self.config.results,
             bisect=self.config.bisect_on_error,
+            scope=scope,
         )
 
     async def _run_batch(self, batch: Batch[StockItem, Any]) -> None:
@@ -421,7 +436,21 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 leader = leader._replace(
                     injected=merged_injections([bound.injected for bound in passed])
                 )
-            outcomes = await self.outcomes([bound.item for bound in passed], leader)
+            tracer = _spans.tracer_of(self.broker)
+            scope = None
+            if tracer is not None:
+                scope = _spans.scope(
+                    tracer,
+                    self.task_name,
+                    leader.args,
+                    leader.kwargs,
+                    batch.reason,
+                    batch.opened_at,
+                    [live[index].value.note for index in call.passed],
+                )
+            outcomes = await self.outcomes(
+                [bound.item for bound in passed], leader, scope
+            )
             context = next(
                 (v for v in leader.injected.values() if isinstance(v, BatchContext)),
                 None,

@@ -1,0 +1,111 @@
+"""What batch calls tell a tracer: a note per message, a scope around each call.
+
+The core knows nothing of OpenTelemetry; `batchtask.tracing` implements
+`CallTracer`. Both paths take each item's note in its message's own context
+(after every ``pre_execute``), as the item enters its batch: taskiq's path in
+the message's asyncio task, the batch-native path in the message's copy of
+the listener's context. Each call of the function (each bisect attempt too)
+runs inside the tracer's scope for the items it gets.
+"""
+
+import asyncio
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from taskiq import AsyncBroker
+
+from batchtask._batcher import FlushReason
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """One call of a batch function, as a tracer sees it."""
+
+    task_name: str
+    key: str
+    """The batch's group key: the extra arguments its items share, as a call
+    shows them (``'events', upsert=True``), cut to `KEY_LENGTH` characters."""
+    reason: FlushReason | None
+    """Why the batch was flushed (None: no batcher, e.g. a retried item)."""
+    waited: float
+    """Seconds from the batch's first item entering its buffer to this call."""
+    size: int
+    """Items passed to this call."""
+    batch_size: int
+    """Items passed to the batch's first call (more than `size` when bisecting)."""
+    attempt: int
+    """1 for the batch's first call; bisecting counts on."""
+
+
+class CallTracer(Protocol):
+    """Follows batch calls (see `batchtask.tracing`)."""
+
+    def note(self) -> object:
+        """In one message's context, as its item enters a batch: what to link."""
+
+    def call(
+        self, info: CallInfo, notes: Sequence[object]
+    ) -> AbstractContextManager[object]:
+        """The scope one call of the function runs in; `notes` are its items'."""
+        ...
+
+
+KEY_LENGTH = 256
+"""The longest group key a tracer is shown."""
+
+Scope = Callable[[int, int, int], AbstractContextManager[object]]
+"""The scope of one call on items[start:stop] as attempt number n: (start, stop, n)."""
+
+_tracers: "weakref.WeakKeyDictionary[AsyncBroker, CallTracer]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def trace(broker: AsyncBroker, tracer: CallTracer) -> None:
+    """Report the batch calls of `broker`'s tasks to `tracer` from now on."""
+    _tracers[broker] = tracer
+
+
+def tracer_of(broker: AsyncBroker) -> CallTracer | None:
+    """The tracer `broker`'s batch calls report to, if any."""
+    return _tracers.get(broker)
+
+
+def scope(
+    tracer: CallTracer,
+    task_name: str,
+    args: Sequence[object],
+    kwargs: Mapping[str, object],
+    reason: FlushReason | None,
+    opened_at: float,
+    notes: Sequence[object],
+) -> Scope:
+    """The scope of each call on the items whose `notes` are given, in order.
+
+    `args` and `kwargs` are the extra arguments of the call; `opened_at` is
+    the event-loop time the batch's first item entered its buffer.
+    """
+    loop = asyncio.get_running_loop()
+    size = len(notes)
+    shown = [repr(arg) for arg in args]
+    shown += [f"{name}={value!r}" for name, value in kwargs.items()]
+    key = ", ".join(shown)
+    if len(key) > KEY_LENGTH:
+        key = key[: KEY_LENGTH - 3] + "..."
+
+    def around(start: int, stop: int, attempt: int) -> AbstractContextManager[object]:
+        info = CallInfo(
+            task_name,
+            key,
+            reason,
+            max(0.0, loop.time() - opened_at),
+            stop - start,
+            size,
+            attempt,
+        )
+        return tracer.call(info, notes[start:stop])
+
+    return around
