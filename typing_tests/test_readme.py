@@ -1,9 +1,10 @@
-"""The README's typing example says exactly what mypy with the plugin reports.
+"""The typing page's example says exactly what mypy with the plugin reports.
 
-Each ``# error: text`` comment in the example's first ``python`` block must be
-an error mypy reports on that line, containing the text; each
-``# note: text`` a revealed type containing the text. Nothing else may be
-reported (apart from mypy's notes that point at a definition).
+The example is the first ``python`` block of docs/typing.md. Each
+``# error: text`` comment in it must be an error mypy reports on that line,
+containing the text; each ``# note: text`` a revealed type containing the
+text. Nothing else may be reported (apart from mypy's notes that point at a
+definition).
 """
 
 import re
@@ -11,17 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).parent.parent / "README.md"
+PAGE = Path(__file__).parent.parent / "docs" / "typing.md"
 COMMENT = re.compile(r"#\s*(error|note):\s*(.+)$")
 REPORTED = re.compile(r"^main\.py:(\d+): (error|note): (.*)$")
 
 
 def typing_example() -> str:
-    section = README.read_text().split("\n## Typing\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
+    return PAGE.read_text().split("```python\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
-def test_readme_typing_example(tmp_path: Path) -> None:
+def test_the_typing_pages_example_reports_exactly_its_comments(
+    tmp_path: Path,
+) -> None:
     source = typing_example()
     (tmp_path / "main.py").write_text(source)
     (tmp_path / "mypy.ini").write_text(
@@ -45,7 +47,7 @@ def test_readme_typing_example(tmp_path: Path) -> None:
         for number, line in enumerate(source.splitlines(), start=1)
         if (found := COMMENT.search(line))
     ]
-    assert expected, "the README's typing example lost its comments"
+    assert expected, "the example of docs/typing.md lost its comments"
     assert len(reported) == len(expected), run.stdout
     for (line, kind, message), (want_line, want_kind, want_text) in zip(
         reported, expected, strict=True
