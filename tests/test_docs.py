@@ -59,6 +59,10 @@ PRINTS = {
         "1:a b c 1:a b c",
     ],
     "ctx.messages[i]": ["['a@web', 'b@cli', 'c@web']"],
+    "BatchTracingMiddleware(tracer_provider=provider)": [
+        "saving [0, 1, 2] into events",
+        "batch/save links=3 size=3 reason=size key='events'",
+    ],
 }
 
 
