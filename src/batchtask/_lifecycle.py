@@ -182,6 +182,27 @@ def watch(broker: AsyncBroker, task_name: str, config: BatchConfig) -> None:
     broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, _make_shutdown(broker))
 
 
+def batch_tasks(broker: AsyncBroker) -> dict[str, BatchConfig]:
+    """Each batch task registered on `broker`, with its settings."""
+    return dict(_watched_brokers.get(broker, {}))
+
+
+def start_report(broker: AsyncBroker, argv: list[str]) -> tuple[list[str], str | None]:
+    """What a worker started by `argv` logs at start for `broker`'s batch tasks.
+
+    Its warnings, and the stock receiver's note unless batch tasks take a
+    `BatchReceiver`'s batch-native path (None then). ``python -m batchtask
+    check`` reports the same.
+    """
+    found = list(
+        _checks.warnings(
+            broker, batch_tasks(broker), argv, _receiver_limits.get(broker)
+        )
+    )
+    note = None if broker in _native_brokers else _checks.STOCK_RECEIVER_NOTE
+    return found, note
+
+
 def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
     def on_worker_startup(_: TaskiqState) -> None:
         here = _here()
@@ -190,14 +211,11 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
             batcher.open()
         if not broker.is_worker_process:
             return
-        tasks = _watched_brokers.get(broker, {})
-        native = broker in _native_brokers
-        for warning in _checks.warnings(
-            broker, tasks, sys.argv, _receiver_limits.get(broker)
-        ):
+        warnings, note = start_report(broker, sys.argv)
+        for warning in warnings:
             logger.warning(warning)
-        if not native:
-            logger.info(_checks.STOCK_RECEIVER_NOTE)
+        if note is not None:
+            logger.info(note)
             _grouping.install_on_stock_worker(broker)
         if threading.current_thread() is threading.main_thread():
             _chain_shutdown_signals(asyncio.get_running_loop())

@@ -1,0 +1,8 @@
+"""``python -m batchtask check app.tasks:broker``: see `batchtask._cli`."""
+
+import sys
+
+from batchtask._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
