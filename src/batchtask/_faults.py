@@ -48,6 +48,14 @@ _TRANSIENT_WORDS = (
     "InvalidState",
     "Unavailable",
 )
+LOOKUPS = 16
+"""Redelivered messages looked up in the result backend at once, per process.
+
+Each lookup holds one of the backend's connections: a burst of redelivered
+messages (a dead worker's claimed entries) must not take them all (redis-py
+8's pools refuse a 101st with ``MaxConnectionsError``).
+"""
+
 UNACKED_MEMORY = 100_000
 """Task ids of finished messages whose ack failed, kept per worker process."""
 
@@ -126,6 +134,8 @@ class Redeliveries:
         self.unacked: OrderedDict[str, None] = OrderedDict()
         self.backend = backend
         self.skipped = 0
+        self.lookups = asyncio.Semaphore(LOOKUPS)
+        """Held while one redelivered message is looked up (`LOOKUPS`)."""
         """Redelivered copies acked without a call so far."""
         self._asking: list[tuple[tuple[Any, Any], asyncio.Future[int]]] = []
         self._asks: set[asyncio.Task[None]] = set()

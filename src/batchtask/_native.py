@@ -280,12 +280,15 @@ class NativePath:
         ):
             self._intake(task, item)
             return
-        if await redeliveries.finished(task_id):
+        async with redeliveries.lookups:
+            ran = await redeliveries.finished(task_id)
+            if not ran:
+                item.cap = await cap(
+                    self.broker.result_backend, task_id, task.config.batch_size
+                )
+        if ran:
             await self._skip(item)
             return
-        item.cap = await cap(
-            self.broker.result_backend, task_id, task.config.batch_size
-        )
         if item.cap == POISON:
             logger.error(
                 "batchtask: message %s of task %s was alone in a call that ended "

@@ -111,7 +111,13 @@ def make_broker() -> AsyncBroker:
     return broker.with_result_backend(backend)
 
 
-_redis = redis.from_url(REDIS_URL)
+# Waits for a free connection: every message's pre_execute and every call
+# write here, hundreds at once (redis-py 8's plain pool refuses a 101st).
+_redis = redis.Redis(
+    connection_pool=redis.BlockingConnectionPool.from_url(
+        REDIS_URL, max_connections=50, timeout=None
+    )
+)
 
 ACK_TASKS = (
     "app:ack_when_received",
