@@ -24,7 +24,7 @@ from tests.test_docs import SNIPPETS, Block  # noqa: E402
 TYPING_EXAMPLE = "docs/typing.md"
 """Checked against mypy's exact report by test_readme.py (errors on purpose)."""
 
-PRELUDE = '''\
+PRELUDE = """\
 from pydantic import BaseModel
 from taskiq import InMemoryBroker, TaskiqDepends
 
@@ -72,7 +72,7 @@ search = Search()
 @batch_task(broker, batch_size=100, batch_timeout=1.0, weight=len)
 async def embed(texts: list[str]) -> None: ...
 
-'''
+"""
 
 CHECKED = [b for b in SNIPPETS if not b.where.startswith(TYPING_EXAMPLE)]
 
@@ -114,8 +114,8 @@ def test_every_snippet_type_checks(tmp_path: Path) -> None:
     )
     report = json.loads(run.stdout)
     problems = [
-        f"{names.get(Path(d['file']).name, d['file'])} (+{d['range']['start']['line']}): "
-        f"{d['message']}"
+        f"{names.get(Path(d['file']).name, d['file'])} "
+        f"(+{d['range']['start']['line']}): {d['message']}"
         for d in report["generalDiagnostics"]
         if d["severity"] == "error"
     ]
