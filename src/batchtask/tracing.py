@@ -41,7 +41,7 @@ Needs ``opentelemetry-api`` (``pip install 'batchtask[otel]'``, which brings
 import contextvars
 from collections.abc import Generator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from taskiq import AsyncBroker, TaskiqMessage, TaskiqMiddleware
 
@@ -63,6 +63,13 @@ _message: contextvars.ContextVar[tuple[str, SpanContext | None]] = (
     contextvars.ContextVar("batchtask_traced_message")
 )
 """In a message's own context: its task id and its producer's span context."""
+
+
+class _Noted(NamedTuple):
+    """What a call links to for one message (a `Link` is made once, per call)."""
+
+    target: SpanContext
+    task_id: str
 
 
 class BatchTracingMiddleware(TaskiqMiddleware):
@@ -100,13 +107,18 @@ class BatchTracingMiddleware(TaskiqMiddleware):
         target = current if current.is_valid else producer
         if target is None:
             return None
-        return Link(target, {"messaging.message.id": task_id})
+        return _Noted(target, task_id)
 
     def call(
         self, info: _spans.CallInfo, notes: Sequence[object]
     ) -> AbstractContextManager[object]:
         """The span one call of a batch function runs in (`batchtask._spans`)."""
-        return self._span(info, [note for note in notes if isinstance(note, Link)])
+        links = [
+            Link(note.target, {"messaging.message.id": note.task_id})
+            for note in notes
+            if isinstance(note, _Noted)
+        ]
+        return self._span(info, links)
 
     @contextmanager
     def _span(self, info: _spans.CallInfo, links: list[Link]) -> Generator[Any]:
