@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,6 +249,22 @@ def event(i: int) -> dict[str, Any]:
     }
 
 
+async def concurrently(
+    base_url: str, work: Callable[[httpx.AsyncClient], Awaitable[None]]
+) -> None:
+    """`work` on `CLIENTS` clients of `CONNECTIONS` connections, each used
+    `CONNECTIONS` times at once (`CONCURRENCY` requests in flight)."""
+
+    async def run_client() -> None:
+        limits = httpx.Limits(max_connections=CONNECTIONS)
+        async with httpx.AsyncClient(
+            base_url=base_url, limits=limits, timeout=30
+        ) as client:
+            await asyncio.gather(*(work(client) for _ in range(CONNECTIONS)))
+
+    await asyncio.gather(*(run_client() for _ in range(CLIENTS)))
+
+
 async def post_all(base_url: str, events: list[dict[str, Any]]) -> list[str]:
     """POST each event to ``/events``, `CONCURRENCY` at a time; their task ids."""
     pending = iter(events)
@@ -260,14 +276,7 @@ async def post_all(base_url: str, events: list[dict[str, Any]]) -> list[str]:
             assert answer.status_code == 202, answer.text
             task_ids.append(answer.json()["task_id"])
 
-    async def run_client() -> None:
-        limits = httpx.Limits(max_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=base_url, limits=limits, timeout=30
-        ) as client:
-            await asyncio.gather(*(poster(client) for _ in range(CONNECTIONS)))
-
-    await asyncio.gather(*(run_client() for _ in range(CLIENTS)))
+    await concurrently(base_url, poster)
     return task_ids
 
 
@@ -283,15 +292,8 @@ async def health_rate(base_url: str, requests: int) -> float:
             answer = await client.get("/health")
             assert answer.status_code == 200, answer.text
 
-    async def run_client() -> None:
-        limits = httpx.Limits(max_connections=CONNECTIONS)
-        async with httpx.AsyncClient(
-            base_url=base_url, limits=limits, timeout=30
-        ) as client:
-            await asyncio.gather(*(getter(client) for _ in range(CONNECTIONS)))
-
     started = time.perf_counter()
-    await asyncio.gather(*(run_client() for _ in range(CLIENTS)))
+    await concurrently(base_url, getter)
     return requests / (time.perf_counter() - started)
 
 
