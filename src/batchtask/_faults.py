@@ -134,9 +134,9 @@ class Redeliveries:
         self.unacked: OrderedDict[str, None] = OrderedDict()
         self.backend = backend
         self.skipped = 0
+        """Redelivered copies acked without a call so far."""
         self.lookups = asyncio.Semaphore(LOOKUPS)
         """Held while one redelivered message is looked up (`LOOKUPS`)."""
-        """Redelivered copies acked without a call so far."""
         self._asking: list[tuple[tuple[Any, Any], asyncio.Future[int]]] = []
         self._asks: set[asyncio.Task[None]] = set()
 

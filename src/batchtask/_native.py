@@ -625,17 +625,9 @@ class NativePath:
                 )
                 injected = await resolver.resolve_kwargs()
             leader = items[0].bound._replace(injected=injected)
-            scope = None
-            if self._tracer is not None:
-                scope = _spans.scope(
-                    self._tracer,
-                    task.task_name,
-                    leader.args,
-                    leader.kwargs,
-                    batch.reason,
-                    batch.opened_at,
-                    [item.note for item in items],
-                )
+            scope = _spans.scope(
+                self._tracer, task.task_name, batch, leader, [i.note for i in items]
+            )
             outcomes = await task.outcomes(
                 [item.bound.item for item in items], leader, scope
             )

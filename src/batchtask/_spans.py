@@ -10,14 +10,15 @@ runs inside the tracer's scope for the items it gets.
 
 import asyncio
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from taskiq import AsyncBroker
 
-from batchtask._batcher import FlushReason
+from batchtask._batcher import Batch, FlushReason
+from batchtask._signature import BoundItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,23 +76,23 @@ def tracer_of(broker: AsyncBroker) -> CallTracer | None:
 
 
 def scope(
-    tracer: CallTracer,
+    tracer: CallTracer | None,
     task_name: str,
-    args: Sequence[object],
-    kwargs: Mapping[str, object],
-    reason: FlushReason | None,
-    opened_at: float,
+    batch: Batch[Any, Any],
+    leader: BoundItem,
     notes: Sequence[object],
-) -> Scope:
-    """The scope of each call on the items whose `notes` are given, in order.
+) -> Scope | None:
+    """The scope of each call of `batch` on the items whose `notes` are given.
 
-    `args` and `kwargs` are the extra arguments of the call; `opened_at` is
-    the event-loop time the batch's first item entered its buffer.
+    `leader` holds the call's extra arguments. None without a tracer.
     """
+    if tracer is None:
+        return None
     loop = asyncio.get_running_loop()
     size = len(notes)
-    shown = [repr(arg) for arg in args]
-    shown += [f"{name}={value!r}" for name, value in kwargs.items()]
+    reason, opened_at = batch.reason, batch.opened_at
+    shown = [repr(arg) for arg in leader.args]
+    shown += [f"{name}={value!r}" for name, value in leader.kwargs.items()]
     key = ", ".join(shown)
     if len(key) > KEY_LENGTH:
         key = key[: KEY_LENGTH - 3] + "..."

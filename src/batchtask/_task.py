@@ -436,18 +436,13 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 leader = leader._replace(
                     injected=merged_injections([bound.injected for bound in passed])
                 )
-            tracer = _spans.tracer_of(self.broker)
-            scope = None
-            if tracer is not None:
-                scope = _spans.scope(
-                    tracer,
-                    self.task_name,
-                    leader.args,
-                    leader.kwargs,
-                    batch.reason,
-                    batch.opened_at,
-                    [live[index].value.note for index in call.passed],
-                )
+            scope = _spans.scope(
+                _spans.tracer_of(self.broker),
+                self.task_name,
+                batch,
+                leader,
+                [live[index].value.note for index in call.passed],
+            )
             outcomes = await self.outcomes(
                 [bound.item for bound in passed], leader, scope
             )

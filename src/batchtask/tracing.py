@@ -22,8 +22,9 @@ attributes:
 
 - ``messaging.operation.type``: ``process``;
 - ``messaging.batch.message_count``: items passed to this call;
-- ``batchtask.task_name``, ``batchtask.group_key`` (the extra arguments'
-  ``repr``), ``batchtask.flush_reason`` (as in `batchtask.FlushReason`);
+- ``batchtask.task_name``, ``batchtask.group_key`` (the extra arguments as a
+  call shows them, ``'events', upsert=True``, at most 256 characters),
+  ``batchtask.flush_reason`` (as in `batchtask.FlushReason`);
 - ``batchtask.wait``: seconds from the batch's first item entering its
   buffer to this call's start;
 - ``batchtask.batch_size``: items of the batch's first call, and
