@@ -5,12 +5,13 @@ from typing import Any
 
 import aio_pika
 import pytest
+from taskiq import InMemoryBroker
 from taskiq.acks import AckController
 from taskiq_aio_pika import AioPikaBroker, Exchange, Queue
 from taskiq_redis import RedisAsyncResultBackend
 
 from batchtask import BatchReceiver, batch_task
-from batchtask._grouping import AmqpAcks
+from batchtask.brokers.amqp import Amqp
 from tests.conftest import require_server, results_through
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -42,7 +43,7 @@ async def test_a_batch_is_acked_with_one_frame_unless_an_older_delivery_is_open(
     None
 ):
     channel = FakeChannel()
-    acks = AmqpAcks()
+    acks = Amqp(InMemoryBroker())
     messages = [FakeMessage(channel, tag) for tag in range(1, 11)]
     assert all(acks.delivered(m.ack) for m in messages)
 
@@ -108,8 +109,8 @@ async def test_a_rabbitmq_worker_acks_batches_in_few_frames_and_leaves_nothing(
                 tasks.append(await plain.kiq(i))
         receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
         results = await results_through(receiver, tasks)
-        amqp = receiver._amqp  # pyright: ignore[reportPrivateUsage]
-        assert amqp is not None
+        amqp = receiver.adapter
+        assert isinstance(amqp, Amqp)
         frames = amqp.round_trips
     finally:
         await broker.shutdown()

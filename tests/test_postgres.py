@@ -18,7 +18,7 @@ import pytest
 from taskiq import BrokerMessage
 from taskiq_pg.asyncpg import AsyncpgBroker
 
-from batchtask._postgres import PostgresRedelivery
+from batchtask.brokers.postgres import PostgresRedelivery
 from tests import test_faults
 from tests.conftest import require_server
 from tests.test_faults import COUNT, _at_least, _handled, kick, rig, settle

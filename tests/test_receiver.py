@@ -21,13 +21,11 @@ from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
 from batchtask import BatchReceiver, batch_task, flush_all
 from batchtask._checks import receiver_cap_warning
-from batchtask._grouping import (
-    Coalescer,
-    GroupedAcks,
-    GroupedResultBackend,
-    stream_ack_target,
-)
+from batchtask._grouping import GroupedResultBackend
 from batchtask._lifecycle import buffered_items
+from batchtask.brokers import adapter_for
+from batchtask.brokers._base import Coalescer
+from batchtask.brokers.redis_stream import RedisStream
 from tests.conftest import require_server, within
 from tests.faults import OwnRedis, free_port
 from tests.workers import (
@@ -129,8 +127,8 @@ async def test_batches_fill_past_max_async_tasks_and_writes_are_grouped(
     assert await pending_acks(stream) == 0, "every message acked"
     assert stream.broker.result_backend is stream.backend, "restored after listen"
     result_rounds = grouped.round_trips
-    acks = receiver._acks  # pyright: ignore[reportPrivateUsage]
-    assert acks is not None
+    acks = receiver.adapter
+    assert isinstance(acks, RedisStream)
     ack_rounds = acks.round_trips
     print(f"grouped: 1001 results in {result_rounds} writes, {ack_rounds} XACKs")
     # Four batches and one plain task: about one round trip each, not 1001.
@@ -367,16 +365,16 @@ async def test_only_this_stream_brokers_own_acks_are_grouped() -> None:
     broker = RedisStreamBroker(REDIS_URL, queue_name="q")
     other = RedisStreamBroker(REDIS_URL, queue_name="q")
     ack = broker._ack_generator(id="1-0", queue_name="q")  # pyright: ignore[reportPrivateUsage]
-    assert stream_ack_target(ack, broker) == ("q", "1-0")
-    assert stream_ack_target(ack, other) is None
-    assert stream_ack_target(lambda: None, broker) is None
-    acks = GroupedAcks.for_broker(broker)
-    assert acks is not None
-    assert acks.wrap(ack) is not None
-    assert acks.wrap(lambda: None) is None
+    acks = adapter_for(broker)
+    assert isinstance(acks, RedisStream)
+    assert acks.target(ack) == ("q", "1-0")
+    assert RedisStream(other).target(ack) is None
+    assert acks.target(lambda: None) is None
+    assert acks.grouped(ack) is not None
+    assert acks.grouped(lambda: None) is None
     from taskiq import InMemoryBroker
 
-    assert GroupedAcks.for_broker(InMemoryBroker()) is None
+    assert not isinstance(adapter_for(InMemoryBroker()), RedisStream)
 
 
 # -- real workers ---------------------------------------------------------------

@@ -11,11 +11,13 @@ from aiormq.exceptions import ChannelInvalidStateError
 from nats.errors import ConnectionClosedError
 from taskiq import AckableMessage
 from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+from taskiq_aio_pika import AioPikaBroker
 from taskiq_redis import RedisStreamBroker
 
 from batchtask import _faults
-from batchtask._faults import looks_redelivered, retried, transient
+from batchtask._faults import retried, transient
 from batchtask._suspects import MARKER_SUFFIX, POISON, Gate, cap, mark
+from batchtask.brokers import adapter_for
 from tests.conftest import within
 
 
@@ -163,9 +165,10 @@ def test_redelivery_is_read_from_what_the_client_shows() -> None:
     old = AckableMessage(
         data=b"{}", ack=broker._ack_generator(id="1000-0", queue_name="q")
     )
-    assert looks_redelivered(fresh, broker) is False
-    assert looks_redelivered(old, broker) is None, "old enough: XPENDING tells"
-    assert looks_redelivered(b"{}", broker) is False
+    looks_redelivered = adapter_for(broker).redelivered
+    assert looks_redelivered(fresh) is False
+    assert looks_redelivered(old) is None, "old enough: XPENDING tells"
+    assert looks_redelivered(b"{}") is False
 
     class Delivery:  # what aio-pika's IncomingMessage shows
         def __init__(self, redelivered: bool) -> None:
@@ -176,4 +179,4 @@ def test_redelivery_is_read_from_what_the_client_shows() -> None:
     Delivery.__module__ = "aio_pika.message"
     for flag in (True, False):
         message = AckableMessage(data=b"{}", ack=Delivery(flag).ack)
-        assert looks_redelivered(message, broker) is flag
+        assert adapter_for(AioPikaBroker()).redelivered(message) is flag

@@ -1,5 +1,8 @@
 """What a worker warns about when it starts: caps, prefetch, redelivery timers.
 
+What a broker caps and when it redelivers is its adapter's to say
+(`batchtask.brokers`).
+
 Each check returns a warning naming the tasks concerned and the fix, or None.
 `warnings` runs them all for one broker's batch tasks.
 """
@@ -10,6 +13,7 @@ from taskiq import AsyncBroker
 from taskiq.cli.worker.args import WorkerArgs
 
 from batchtask._config import BatchConfig
+from batchtask.brokers import adapter_for
 
 STOCK_RECEIVER_NOTE = (
     "batchtask: batch tasks run on taskiq's own receiver here (one task per "
@@ -86,27 +90,23 @@ def receiver_cap_warning(sizes: dict[str, int], max_buffered: int) -> str | None
 def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
     """Say which batch sizes the broker's own prefetch limit makes unreachable.
 
-    taskiq-aio-pika's ``AioPikaBroker(qos=10)`` lets a worker hold at most
-    `qos` unacknowledged messages, and a buffered item is unacknowledged
-    until its batch ran.
+    A broker may cap the unacknowledged messages one worker holds (the
+    adapter's `unacked_cap`: taskiq-aio-pika's ``AioPikaBroker(qos=10)``), and
+    a buffered item is unacknowledged until its batch ran.
     """
-    qos = getattr(broker, "_qos", None)
-    if type(broker).__name__ != "AioPikaBroker" or not isinstance(qos, int):
+    cap = adapter_for(broker).unacked_cap()
+    if cap is None:
         return None
-    capped = _capped(sizes, qos)
+    capped = _capped(sizes, cap.limit)
     if capped is None:
         return None
     tasks, largest = capped
     return (
-        f"batchtask: AioPikaBroker(qos={qos}) lets this worker hold at most {qos} "
+        f"batchtask: {cap.setting} lets this worker hold at most {cap.limit} "
         f"unacknowledged messages, so these batches can never fill up and will "
-        f"wait batch_timeout each time: {tasks}. Fix: AioPikaBroker(..., "
-        f"qos={largest}) or more (or lower batch_size)."
+        f"wait batch_timeout each time: {tasks}. Fix: "
+        f"{cap.fix.format(n=largest)} or more (or lower batch_size)."
     )
-
-
-NATS_DEFAULT_ACK_WAIT = 30.0
-"""Seconds: a NATS JetStream consumer's ``ack_wait`` when none is configured."""
 
 
 def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str | None:
@@ -114,10 +114,11 @@ def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str |
 
     A Redis stream (``idle_timeout``) or a NATS JetStream consumer
     (``ack_wait``) hands a message that stays unacknowledged that long to
-    another consumer; a buffered item stays unacknowledged for up to
-    ``batch_timeout`` plus its call, so it would run twice.
+    another consumer (the adapter's `redelivery_window`); a buffered item
+    stays unacknowledged for up to ``batch_timeout`` plus its call, so it
+    would run twice.
     """
-    window = _redelivery_window(broker)
+    window = adapter_for(broker).redelivery_window()
     if window is None:
         return None
     seconds, setting = window
@@ -133,21 +134,6 @@ def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str |
         f"call even starts, so items would run twice: {tasks}. Fix: raise it well "
         f"above batch_timeout plus the longest call (or lower batch_timeout)."
     )
-
-
-def _redelivery_window(broker: AsyncBroker) -> tuple[float, str] | None:
-    """(seconds, setting name) after which the broker redelivers, if known."""
-    kinds = {cls.__name__ for cls in type(broker).__mro__}
-    if "RedisStreamBroker" in kinds:
-        idle = getattr(broker, "idle_timeout", None)
-        if isinstance(idle, (int, float)) and not isinstance(idle, bool):
-            return idle / 1000, f"RedisStreamBroker(idle_timeout={idle:g})"
-    if kinds & {"PullBasedJetStreamBroker", "PushBasedJetStreamBroker"}:
-        config = getattr(broker, "consumer_config", None)
-        ack_wait = getattr(config, "ack_wait", None) or NATS_DEFAULT_ACK_WAIT
-        if isinstance(ack_wait, (int, float)):
-            return float(ack_wait), f"the NATS consumer's ack_wait={ack_wait:g}"
-    return None
 
 
 def _capped(sizes: dict[str, int], limit: int) -> tuple[str, int] | None:

@@ -1,4 +1,4 @@
-"""Every private name of taskiq (and taskiq-redis) batchtask relies on, checked here.
+"""Every private name of taskiq batchtask relies on, checked here.
 
 taskiq's receiver internals change between releases. `BatchReceiver` reads
 them only through what this module lists; `receiver_changes` tells which
@@ -33,11 +33,10 @@ PRIVATE_NAMES = (
     "taskiq.receiver.receiver._PrefetchedMessage(data, owns_delivery_slot): "
     "a delivery on that queue",
     "taskiq.receiver.receiver._QueueSignal.DONE: the end of deliveries",
-    "taskiq_redis.RedisAsyncResultBackend._task_name(task_id): a result's key",
-    "taskiq_redis.RedisStreamBroker._ack_generator.<locals>._ack: free variables "
-    "self, queue_name, id",
 )
-"""What batchtask uses that taskiq does not document, for the record."""
+"""What batchtask uses that taskiq does not document, for the record. What it
+uses of each broker package is its adapter's ``private_names``
+(`batchtask.brokers`), checked by its ``changes()``."""
 
 
 def receiver_changes(receiver: Any) -> list[str]:
@@ -84,18 +83,3 @@ def _end_of_deliveries() -> Any:
 
 END_OF_DELIVERIES: Any = _end_of_deliveries()
 """What taskiq's prefetcher puts on the runner's queue after the last delivery."""
-
-
-def redis_changes() -> list[str]:
-    """What the grouped Redis writes need from taskiq-redis and did not find."""
-    try:
-        from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
-    except ImportError:
-        return []
-    changed: list[str] = []
-    if not callable(getattr(RedisAsyncResultBackend, "_task_name", None)):
-        changed.append("RedisAsyncResultBackend._task_name")
-    generator = getattr(RedisStreamBroker, "_ack_generator", None)
-    if generator is None:
-        changed.append("RedisStreamBroker._ack_generator")
-    return changed

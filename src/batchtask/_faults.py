@@ -13,24 +13,21 @@ second time when its first copy is still held or has already finished:
   whose ack never got through. A redelivered copy of a held message hands its
   (new, valid) ack to the held one instead of joining a batch; a copy of a
   finished one is acked without a call.
-- `looks_redelivered` tells, from what the broker's client shows, whether a
-  delivery may be a second one (AMQP's ``redelivered`` flag, JetStream's
-  delivery count, a Redis stream entry older than the broker's
-  ``idle_timeout``); such a delivery is checked against the result backend,
+- whether a delivery may be a second one is the broker adapter's to tell
+  (`batchtask.brokers`: AMQP's ``redelivered`` flag, JetStream's delivery
+  count, a Redis stream entry claimed from another consumer); such a
+  delivery is checked against the result backend (`Redeliveries.finished`),
   and one whose result is already stored is acked without a call.
 """
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend
+from taskiq import AsyncResultBackend
 from taskiq.result_backends.dummy import DummyResultBackend
-
-from batchtask._grouping import stream_ack_target
 
 logger = logging.getLogger("batchtask")
 
@@ -137,52 +134,6 @@ class Redeliveries:
         """Redelivered copies acked without a call so far."""
         self.lookups = asyncio.Semaphore(LOOKUPS)
         """Held while one redelivered message is looked up (`LOOKUPS`)."""
-        self._asking: list[tuple[tuple[Any, Any], asyncio.Future[int]]] = []
-        self._asks: set[asyncio.Task[None]] = set()
-
-    async def delivered_before(self, data: AckableMessage, broker: AsyncBroker) -> bool:
-        """Whether a Redis stream entry's delivery count is above 1 (XPENDING).
-
-        The entries asked about in one loop turn share one round trip.
-        """
-        target = stream_ack_target(data.ack, broker)
-        if target is None:
-            return False
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        if not self._asking:
-            loop.call_soon(self._start_asking, broker)
-        self._asking.append((target, future))
-        return await future > 1
-
-    def _start_asking(self, broker: Any) -> None:
-        # Held here until done: a task nothing refers to may be collected
-        # mid-flight, and its askers would wait forever.
-        task = asyncio.ensure_future(self._ask(broker))
-        self._asks.add(task)
-        task.add_done_callback(self._asks.discard)
-
-    async def _ask(self, broker: Any) -> None:
-        asking, self._asking = self._asking, []
-        from redis.asyncio import Redis
-
-        try:
-            async with Redis(connection_pool=broker.connection_pool) as connection:
-                pipeline = connection.pipeline(transaction=False)
-                for (stream, message_id), _ in asking:
-                    pipeline.xpending_range(
-                        stream,
-                        broker.consumer_group_name,
-                        min=message_id,
-                        max=message_id,
-                        count=1,
-                    )
-                replies = await pipeline.execute(raise_on_error=False)
-        except Exception as exc:
-            replies = [exc] * len(asking)
-        for (_, future), reply in zip(asking, replies, strict=True):
-            if not future.done():
-                future.set_result(_times_delivered(reply))
 
     @property
     def checks_results(self) -> bool:
@@ -219,49 +170,3 @@ class Redeliveries:
                     return False
                 await asyncio.sleep(delay)
         return False
-
-
-def _times_delivered(reply: object) -> int:
-    """An ``XPENDING`` row's delivery count; 2 when unknown (then checked)."""
-    if isinstance(reply, list) and reply:
-        row: object = cast("list[object]", reply)[0]
-        if isinstance(row, dict):
-            count: object = cast("dict[str, object]", row).get("times_delivered")
-            if isinstance(count, int):
-                return count
-    return 2
-
-
-def looks_redelivered(data: bytes | AckableMessage, broker: AsyncBroker) -> bool | None:
-    """Whether this delivery was delivered before (see the module).
-
-    None: maybe; `Redeliveries.delivered_before` asks the server (a Redis
-    stream entry older than the broker's ``idle_timeout``).
-    """
-    if not isinstance(data, AckableMessage):
-        return False
-    ack = data.ack
-    message = getattr(ack, "__self__", None)
-    if message is not None:
-        module = type(message).__module__
-        if module == "aio_pika.message":
-            return bool(getattr(message, "redelivered", False))
-        if module.startswith("nats."):
-            try:
-                return int(message.metadata.num_delivered) > 1
-            except Exception:
-                return False
-        return False
-    target = stream_ack_target(ack, broker)
-    if target is None:
-        return False
-    message_id = target[1]
-    text = message_id.decode() if isinstance(message_id, bytes) else message_id
-    try:
-        added_ms = int(text.partition("-")[0])
-    except ValueError:
-        return False
-    idle_ms = int(getattr(broker, "idle_timeout", 0))
-    # XAUTOCLAIM hands out only entries idle that long; a fresh read returns
-    # one older only from a backlog that old: then XPENDING tells.
-    return None if added_ms <= time.time() * 1000 - idle_ms else False

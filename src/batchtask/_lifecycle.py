@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
-from taskiq import AsyncBroker, InMemoryBroker, TaskiqEvents, TaskiqState
+from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
 from batchtask import _checks, _grouping
 from batchtask._batcher import (
@@ -38,6 +38,7 @@ from batchtask._batcher import (
     RunBatch,
 )
 from batchtask._config import BatchConfig
+from batchtask.brokers import adapter_for
 
 logger = logging.getLogger("batchtask")
 
@@ -274,16 +275,16 @@ async def flush_all(broker: AsyncBroker | None = None) -> None:
     batches, ``await flush_all(broker)`` after kicking. While it runs, batches
     are called on the next loop turn instead of waiting for their timer. With
     an `InMemoryBroker` it also waits for every message already kicked (like
-    ``broker.wait_all()``), so their items are flushed and their results stored
-    when it returns.
+    ``broker.wait_all()``: the adapter's ``wait_kicked``), so their items are
+    flushed and their results stored when it returns.
     """
     here = _here()
     here.eagerness.level += 1
     try:
         for batcher in here.of():
             batcher.flush(FlushReason.MANUAL)
-        if isinstance(broker, InMemoryBroker):
-            await broker.wait_all()
+        if broker is not None:
+            await adapter_for(broker).wait_kicked()
         for batcher in here.of():
             await batcher.wait_idle()
     finally:

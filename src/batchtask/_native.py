@@ -71,15 +71,8 @@ from batchtask import _lifecycle, _spans
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
-from batchtask._faults import Redeliveries, looks_redelivered, retried
-from batchtask._grouping import (
-    AmqpAcks,
-    BufferedAcks,
-    GroupedAcks,
-    RawAck,
-    ack_each,
-    store_many,
-)
+from batchtask._faults import Redeliveries, retried
+from batchtask._grouping import store_many
 from batchtask._outcomes import Outcome
 from batchtask._shaping import (
     PLAIN,
@@ -92,6 +85,8 @@ from batchtask._shaping import (
 )
 from batchtask._suspects import POISON, Gate, cap, mark
 from batchtask._task import BatchTask, batch_task_of, report
+from batchtask.brokers import BrokerAdapter
+from batchtask.brokers._base import RawAck
 
 if TYPE_CHECKING:
     from taskiq.receiver import Receiver
@@ -146,14 +141,14 @@ class NativePath:
         receiver: "Receiver",
         *,
         max_buffered: int,
-        acks: GroupedAcks | AmqpAcks | BufferedAcks | None,
+        adapter: BrokerAdapter,
     ) -> None:
         """Serve `receiver`'s broker; up to `max_buffered` items wait slot-free.
 
-        A batch's acks go through `acks` where given (one ``XACK`` on a Redis
-        stream, ``multiple=True`` on AMQP, one buffer flush on NATS); its
-        results go together wherever the broker's result backend is a
-        `GroupedResultBackend`.
+        What a delivery is, and how a batch's acks go (one ``XACK`` on a Redis
+        stream, ``multiple=True`` on AMQP, one buffer flush on NATS), is the
+        broker `adapter`'s to say; a batch's results go together wherever the
+        broker's result backend is a `GroupedResultBackend`.
         """
         self.receiver = receiver
         self.broker: AsyncBroker = receiver.broker
@@ -165,7 +160,7 @@ class NativePath:
         self._batchers: dict[tuple[str, int], Batcher[NativeItem, Any]] = {}
         self._received: list[NativeItem] = []
         self._intakes: set[asyncio.Task[None]] = set()
-        self._grouped_acks = acks
+        self.adapter = adapter
         self._names: tuple[bytes, ...] | None = None
         self._pre_execute: list[TaskiqMiddleware] = []
         self._on_error: list[TaskiqMiddleware] = []
@@ -240,7 +235,7 @@ class NativePath:
             return True
         redeliveries.held.setdefault(message.task_id, item)
         if redeliveries.checks_results:
-            again = looks_redelivered(data, self.broker)
+            again = self.adapter.redelivered(data)
             if again is not False:
                 ask = data if again is None else None
                 self._spawn(self._take_redelivered(task, item, ask))
@@ -275,9 +270,7 @@ class NativePath:
         """
         redeliveries = self.redeliveries
         task_id = item.message.task_id
-        if isinstance(ask, AckableMessage) and not await redeliveries.delivered_before(
-            ask, self.broker
-        ):
+        if ask is not None and not await self.adapter.delivered_before(ask):
             self._intake(task, item)
             return
         async with redeliveries.lookups:
@@ -805,11 +798,7 @@ class NativePath:
 
     async def ack_many(self, items: Sequence[NativeItem]) -> list[BaseException | None]:
         """Ack the messages of `items` not acked yet; one round trip where known."""
-        if self._grouped_acks is not None:
-            return await self._grouped_acks.ack_many(
-                [(item.acks, item.ack) for item in items]
-            )
-        return await ack_each([item.acks for item in items])
+        return await self.adapter.ack_many([(item.acks, item.ack) for item in items])
 
     def _release(self, item: NativeItem) -> None:
         """The message ended: give its slot back (once)."""

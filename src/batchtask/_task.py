@@ -43,14 +43,12 @@ from taskiq import (
     AsyncBroker,
     AsyncResultBackend,
     AsyncTaskiqTask,
-    InMemoryBroker,
     TaskiqMiddleware,
 )
 from taskiq.abc.schedule_source import ScheduleSource
 from taskiq.exceptions import SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
-from taskiq.result_backends.dummy import DummyResultBackend
 from taskiq.scheduler.created_schedule import CreatedSchedule
 from taskiq.utils import maybe_awaitable
 
@@ -77,6 +75,7 @@ from batchtask._shaping import (
 )
 from batchtask._signature import BatchSignature, BoundItem
 from batchtask._spans import Scope
+from batchtask.brokers import adapter_for
 
 if TYPE_CHECKING:
     from taskiq.scheduler.scheduled_task import CronSpec
@@ -187,7 +186,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         self.labels: dict[str, Any] = registered.labels
         _lifecycle.watch(broker, self.task_name, config)
         stamp_send_time(broker, self.task_name)
-        _keep_inmemory_results(broker)
+        adapter_for(broker).registered()
         functools.update_wrapper(self, func)
 
     def __call__(
@@ -393,8 +392,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 loop.call_soon_threadsafe(batcher.configure, limits)
 
     def _runs_in_place(self) -> bool:
-        broker = self.broker
-        return isinstance(broker, InMemoryBroker) and broker.await_inplace
+        return adapter_for(self.broker).runs_in_place()
 
     async def outcomes(
         self, items: list[Any], leader: BoundItem, scope: Scope | None = None
@@ -717,28 +715,3 @@ def _item_return_type(func: Callable[..., Any], results: ResultsMode) -> Any:
         if len(element) == 1 or (len(element) == 2 and element[1] is Ellipsis):
             return element[0]
     return None
-
-
-def _keep_inmemory_results(broker: AsyncBroker) -> None:
-    """Lift InMemoryBroker's default cap of 100 stored results.
-
-    A batch stores up to `batch_size` results at once, so taskiq's default
-    in-memory cap evicts results before anyone reads them. The cap is lifted
-    only while it is taskiq's default (100); any other value is kept.
-    """
-    if not isinstance(broker, InMemoryBroker) or isinstance(
-        broker.result_backend, DummyResultBackend
-    ):
-        return
-    backend: Any = broker.result_backend
-    if getattr(backend, "max_stored_results", None) == _TASKIQ_DEFAULT_STORED_RESULTS:
-        backend.max_stored_results = -1
-        logger.info(
-            "batchtask: InMemoryBroker result cap lifted (taskiq's default of "
-            "%d stored results would evict batch results before they are read); "
-            "pass InMemoryBroker(max_stored_results=N) with N != 100 to keep a cap",
-            _TASKIQ_DEFAULT_STORED_RESULTS,
-        )
-
-
-_TASKIQ_DEFAULT_STORED_RESULTS = 100

@@ -19,6 +19,13 @@ taskiq tasks keep taskiq's own path.
   slot until it ends, so the broker stops delivering and memory stays bounded.
 - ``--receiver_arg group_writes=false`` writes results and sends acks one
   message at a time, as taskiq does.
+- ``--receiver_arg idle_timeout=MS``: for Redis stream brokers without an
+  ``idle_timeout`` of their own (Cluster, Sentinel), the milliseconds after
+  which an entry left unacknowledged by a dead consumer is claimed (default
+  600000, taskiq-redis's default for ``RedisStreamBroker``).
+
+What the receiver knows about the broker (how it reads, what a delivery is,
+how acks go together) comes from the broker's adapter (`batchtask.brokers`).
 
 It relies on a few of taskiq's private names (`batchtask._compat`); on a
 taskiq where they changed it warns once and runs every message on taskiq's
@@ -38,14 +45,9 @@ from taskiq.receiver import Receiver
 
 from batchtask import _compat, _lifecycle
 from batchtask._faults import transient
-from batchtask._grouping import (
-    AmqpAcks,
-    BufferedAcks,
-    GroupedAcks,
-    GroupedResultBackend,
-)
+from batchtask._grouping import GroupedResultBackend
 from batchtask._native import NativePath
-from batchtask._postgres import PostgresRedelivery
+from batchtask.brokers import BrokerAdapter, Options, adapter_for
 
 logger = logging.getLogger("batchtask")
 
@@ -60,8 +62,9 @@ class BatchReceiver(Receiver):
     """taskiq's `Receiver` with a batch-native path for batch tasks.
 
     Pass it to the worker with ``--receiver batchtask:BatchReceiver``; its
-    own settings come as ``--receiver_arg max_buffered=N`` and
-    ``--receiver_arg group_writes=false``. See the module documentation.
+    own settings come as ``--receiver_arg max_buffered=N``,
+    ``--receiver_arg group_writes=false`` and ``--receiver_arg
+    idle_timeout=MS``. See the module documentation.
     """
 
     def __init__(
@@ -71,18 +74,22 @@ class BatchReceiver(Receiver):
         *args: Any,
         max_buffered: int | str = DEFAULT_MAX_BUFFERED,
         group_writes: bool | str = True,
+        idle_timeout: int | str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Take taskiq's receiver arguments, plus `max_buffered` and `group_writes`.
+        """Take taskiq's receiver arguments, plus batchtask's own three.
 
-        Both may be strings, as ``--receiver_arg`` passes them.
+        `max_buffered`, `group_writes` and `idle_timeout` may each be a
+        string, as ``--receiver_arg`` passes them.
         """
         super().__init__(broker, executor, *args, **kwargs)
         self.max_buffered = _count(max_buffered, "max_buffered")
         self.group_writes = _flag(group_writes, "group_writes")
-        self._acks = GroupedAcks.for_broker(broker) if self.group_writes else None
-        self._amqp = AmqpAcks.for_broker(broker) if self.group_writes else None
-        self._postgres = PostgresRedelivery.for_broker(broker)
+        idle = None if idle_timeout is None else _count(idle_timeout, "idle_timeout")
+        self.adapter: BrokerAdapter = adapter_for(
+            broker, Options(group_acks=self.group_writes, idle_timeout_ms=idle or None)
+        )
+        """What this receiver knows about its broker (`batchtask.brokers`)."""
         changed = _compat.receiver_changes(self)
         self.native: NativePath | None = None
         """The batch-native path; None where taskiq's receiver changed."""
@@ -98,9 +105,7 @@ class BatchReceiver(Receiver):
             self.native = NativePath(
                 self,
                 max_buffered=1 << 62 if unbounded else self.max_buffered,
-                acks=self._acks
-                or self._amqp
-                or (BufferedAcks.for_broker(broker) if self.group_writes else None),
+                adapter=self.adapter,
             )
         limit: int | None = None  # the stock cap stays: its warning applies
         if self.native is not None and (self.sem is None or self.max_buffered):
@@ -140,8 +145,7 @@ class BatchReceiver(Receiver):
             await super().prefetcher(queue, finish_event)
             return
         native.start()
-        if self._postgres is not None:
-            self._postgres.start()
+        await self.adapter.start()
         reading = asyncio.ensure_future(self._read(queue))
         finishing = asyncio.ensure_future(finish_event.wait())
         try:
@@ -157,8 +161,7 @@ class BatchReceiver(Receiver):
                 native.close()  # nothing more arrives: run what is buffered now
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
-                if self._postgres is not None:
-                    await self._postgres.stop()
+                await self.adapter.stop()
                 queue.put_nowait(_compat.END_OF_DELIVERIES)
         if reading.cancelled():
             return
@@ -179,10 +182,9 @@ class BatchReceiver(Receiver):
         assert native is not None
         slots = self.sem_prefetch
         limit = self.max_tasks_to_execute
-        amqp = self._amqp
         fetched = 0
         failures = 0
-        deliveries = self.broker.listen()
+        deliveries = self.adapter.listen()
         try:
             while not limit or fetched < limit:
                 await slots.acquire()
@@ -211,14 +213,14 @@ class BatchReceiver(Receiver):
                     with contextlib.suppress(Exception):
                         await _closed(deliveries)
                     await asyncio.sleep(delay)
-                    deliveries = self.broker.listen()
+                    deliveries = self.adapter.listen()
                     continue
                 except BaseException:
                     slots.release()
                     raise
                 failures = 0
                 fetched += 1
-                self._deliver(native, amqp, data, queue)
+                self._deliver(native, data, queue)
             logger.info("Max number of tasks executed.")
         finally:
             with contextlib.suppress(Exception):
@@ -227,37 +229,22 @@ class BatchReceiver(Receiver):
     def _deliver(
         self,
         native: NativePath,
-        amqp: AmqpAcks | None,
         data: bytes | AckableMessage,
         queue: "asyncio.Queue[Any]",
     ) -> None:
         """One delivery: to the batch-native path, or to taskiq's runner."""
-        tracked = (
-            amqp
-            if amqp is not None
-            and isinstance(data, AckableMessage)
-            and amqp.delivered(data.ack)
-            else None
-        )
-        if self._postgres is not None:
-            self._postgres.noted(data)
+        self.adapter.noted(data)
         if not native.take(data, owns_delivery_slot=True):
-            if tracked is not None and isinstance(data, AckableMessage):
-                # taskiq's path acks it through the tracker too, so that a
-                # batch's multiple=True ack never covers it unfinished.
-                data = AckableMessage.model_construct(
-                    data=data.data, ack=tracked.wrap(data.ack)
-                )
+            if isinstance(data, AckableMessage):
+                data = self.adapter.stock_message(data)
             queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
 
     async def callback(
         self, message: bytes | AckableMessage, raise_err: bool = False
     ) -> None:
-        """Run one message as taskiq does, acking it with its loop turn's others."""
-        if self._acks is not None and isinstance(message, AckableMessage):
-            grouped = self._acks.wrap(message.ack)
-            if grouped is not None:
-                message = AckableMessage.model_construct(data=message.data, ack=grouped)
+        """Run one message as taskiq does, its ack grouped where the broker allows."""
+        if isinstance(message, AckableMessage):
+            message = self.adapter.stock_message(message)
         await super().callback(message, raise_err=raise_err)
 
 

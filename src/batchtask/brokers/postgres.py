@@ -1,4 +1,4 @@
-"""Redelivery for taskiq-postgres brokers: claims tagged with their worker, dead workers' claims handed out again.
+"""taskiq-postgres: ``AsyncpgBroker``, with claims tagged by their worker and dead workers' claims handed out again.
 
 taskiq-postgres's ``AsyncpgBroker`` keeps each message as a row (``status``
 ``'pending'``), announces it with ``NOTIFY``, and a worker claims it by setting
@@ -44,13 +44,23 @@ import asyncio
 import contextlib
 import importlib
 import logging
-from typing import Any, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 from taskiq import AckableMessage, AsyncBroker
 
 from batchtask._faults import transient
+from batchtask.brokers._base import DEFAULTS, Delivery, Options, PerMessage
 
 logger = logging.getLogger("batchtask")
+
+
+PRIVATE_NAMES = (
+    "taskiq_pg AsyncpgBroker._read_conn, ._owns_read_conn: its LISTEN connection",
+    "taskiq_pg AsyncpgBroker._notification_handler(conn, pid, channel, payload)",
+    "taskiq_pg AsyncpgBroker._queue: the notified row ids waiting for listen()",
+    "taskiq_pg AsyncpgBroker.listen.<locals>.ack: the row id as its "
+    "_message_id keyword default",
+)
 
 STALE_LIMIT: Final = 1000
 """Pending rows one sweep hands over for a lost notification, at most."""
@@ -454,3 +464,38 @@ def _row_id(ack: object) -> int | None:
         return None
     row = cast("dict[str, object]", defaults).get("_message_id")
     return row if isinstance(row, int) and not isinstance(row, bool) else None
+
+
+class Postgres(PerMessage):
+    """taskiq-postgres's ``AsyncpgBroker``: `PostgresRedelivery` beside the receiver."""
+
+    family: ClassVar[str] = "postgres"
+    private_names: ClassVar[tuple[str, ...]] = PRIVATE_NAMES
+
+    def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
+        """Serve `broker`; redelivery runs while a `BatchReceiver` listens."""
+        super().__init__(broker, options)
+        self.redelivery = PostgresRedelivery.for_broker(broker)
+
+    def noted(self, data: Delivery) -> None:
+        """Tag the delivery's row as this worker's."""
+        if self.redelivery is not None:
+            self.redelivery.noted(data)
+
+    async def start(self) -> None:
+        """Start tagging and sweeping."""
+        if self.redelivery is not None:
+            self.redelivery.start()
+
+    async def stop(self) -> None:
+        """Stop sweeping; this worker's rows become reclaimable."""
+        if self.redelivery is not None:
+            await self.redelivery.stop()
+
+    def changes(self) -> list[str]:
+        """What redelivery needs and did not find."""
+        return [
+            f"AsyncpgBroker.{name}"
+            for name in ("_notification_handler", "_read_conn")
+            if not hasattr(self.broker, name)
+        ]

@@ -1,0 +1,307 @@
+"""What every broker adapter shares: the Protocol, the per-message fallback, coalescing.
+
+`BrokerAdapter` is everything batchtask knows about one broker family, in one
+shape; `PerMessage` implements it for any broker by doing what taskiq itself
+does, one message at a time (it is the adapter of every broker no family
+module claims, and the base the family adapters override). `Coalescer` and
+`ack_each` are the two ways of sending many requests the adapters share.
+"""
+
+import asyncio
+import copy
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypeVar
+
+from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, BrokerMessage
+from taskiq.acks import AckController
+
+T = TypeVar("T")
+
+Send = Callable[[list[T]], Awaitable[Sequence[BaseException | None]]]
+"""Sends requests at once; returns each one's error, or None."""
+
+RawAck = Callable[[], Awaitable[None] | None]
+"""A broker's ack of one message, as an ``AckableMessage`` carries it."""
+
+Delivery = bytes | AckableMessage
+"""One delivery as a broker's ``listen()`` yields it."""
+
+AckPairs = Sequence[tuple[AckController, RawAck | None]]
+"""Messages to ack: each one's controller and the broker's own ack it wraps."""
+
+ResultWriter = Send[tuple[str, Any]]
+"""Stores many (task id, ``TaskiqResult``) at once; each one's error, or None."""
+
+CONCURRENT_KICKS = 100
+"""Kicks in flight at once for a broker without a pipelined path."""
+
+
+class UnackedCap(NamedTuple):
+    """A broker's cap on the messages one consumer holds unacknowledged."""
+
+    limit: int
+    setting: str
+    """The setting as the user wrote it, e.g. ``AioPikaBroker(qos=10)``."""
+    fix: str
+    """The same setting with ``{n}`` where the fix puts its value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a worker asks of the adapter of its broker."""
+
+    group_acks: bool = True
+    """Whether acks of one batch go together (``--receiver_arg group_writes``)."""
+    idle_timeout_ms: int | None = None
+    """Milliseconds after which a stream's unacknowledged entry is claimed by
+    another consumer, where the broker has no setting of its own."""
+
+
+DEFAULTS: Final = Options()
+"""What a worker asks when it asks nothing: grouped acks, the broker's idle time."""
+
+
+class BrokerAdapter(Protocol):
+    """Everything batchtask knows about one broker family (see the package)."""
+
+    family: ClassVar[str]
+    """The family's short name, as `batchtask.brokers.FAMILIES` lists it."""
+    private_names: ClassVar[tuple[str, ...]]
+    """What this adapter uses that its broker package does not document."""
+
+    # -- deliveries ----------------------------------------------------------
+    def listen(self) -> AsyncIterator[Delivery]:
+        """What a `BatchReceiver` reads: the broker's ``listen()``, or faster."""
+        ...
+
+    def noted(self, data: Delivery) -> None:
+        """A `BatchReceiver` received `data` (before anything else happens to it)."""
+        ...
+
+    def redelivered(self, data: Delivery) -> bool | None:
+        """Whether `data` was delivered before; None: maybe (ask the server)."""
+        ...
+
+    async def delivered_before(self, data: Delivery) -> bool:
+        """Ask the server whether `data` was delivered before (after None above)."""
+        ...
+
+    # -- acks and kicks ------------------------------------------------------
+    async def ack_many(self, acks: AckPairs) -> list[BaseException | None]:
+        """Ack the messages not acked yet; each one's error, or None."""
+        ...
+
+    def stock_message(self, data: AckableMessage) -> AckableMessage:
+        """`data` as taskiq's own receiver should get it (its ack grouped)."""
+        ...
+
+    async def kick_many(self, messages: Sequence[BrokerMessage]) -> None:
+        """Send `messages` (``kiq_many``)."""
+        ...
+
+    # -- the worker's life ---------------------------------------------------
+    async def start(self) -> None:
+        """A `BatchReceiver` starts listening: start what runs beside it."""
+        ...
+
+    async def stop(self) -> None:
+        """The `BatchReceiver` stopped: stop what `start` started."""
+        ...
+
+    def on_stock_worker(self) -> None:
+        """A worker without `BatchReceiver` starts: group its acks if known."""
+        ...
+
+    def registered(self) -> None:
+        """A batch task was registered on the broker."""
+        ...
+
+    def runs_in_place(self) -> bool:
+        """Whether a kick returns only once its message was handled."""
+        ...
+
+    async def wait_kicked(self) -> None:
+        """Wait until every message kicked in this process was handled."""
+        ...
+
+    # -- start-up checks ------------------------------------------------------
+    def redelivery_window(self) -> tuple[float, str] | None:
+        """(seconds, setting): after how long an unacked message goes elsewhere."""
+        ...
+
+    def unacked_cap(self) -> UnackedCap | None:
+        """The broker's cap on unacknowledged messages per consumer, if any."""
+        ...
+
+    def changes(self) -> list[str]:
+        """Which of `private_names` the installed package no longer has."""
+        ...
+
+
+class PerMessage:
+    """The adapter of any broker: each message as taskiq handles it, nothing more."""
+
+    family: ClassVar[str] = "any"
+    private_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
+        """Serve `broker` with `options`."""
+        self.broker = broker
+        self.options = options
+
+    def listen(self) -> AsyncIterator[Delivery]:
+        """The broker's own ``listen()``."""
+        return aiter(self.broker.listen())
+
+    def noted(self, data: Delivery) -> None:
+        """Nothing to note."""
+
+    def redelivered(self, data: Delivery) -> bool | None:
+        """Unknown deliveries are taken as first ones."""
+        return False
+
+    async def delivered_before(self, data: Delivery) -> bool:
+        """Nothing to ask: a maybe is checked against the result backend."""
+        return True
+
+    async def ack_many(self, acks: AckPairs) -> list[BaseException | None]:
+        """Ack each message on its own, concurrently."""
+        return await ack_each([controller for controller, _ in acks])
+
+    def stock_message(self, data: AckableMessage) -> AckableMessage:
+        """`data` as it came."""
+        return data
+
+    async def kick_many(self, messages: Sequence[BrokerMessage]) -> None:
+        """The broker's ``kick`` per message, `CONCURRENT_KICKS` at a time."""
+        kick = self.broker.kick
+        for start in range(0, len(messages), CONCURRENT_KICKS):
+            chunk = messages[start : start + CONCURRENT_KICKS]
+            await asyncio.gather(*(kick(message) for message in chunk))
+
+    async def start(self) -> None:
+        """Nothing runs beside the receiver."""
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+    def on_stock_worker(self) -> None:
+        """Nothing to install."""
+
+    def registered(self) -> None:
+        """Nothing to prepare."""
+
+    def runs_in_place(self) -> bool:
+        """Messages go to a worker."""
+        return False
+
+    async def wait_kicked(self) -> None:
+        """Kicked messages are handled by workers: nothing to wait for here."""
+
+    def redelivery_window(self) -> tuple[float, str] | None:
+        """Not known."""
+        return None
+
+    def unacked_cap(self) -> UnackedCap | None:
+        """Not known."""
+        return None
+
+    def changes(self) -> list[str]:
+        """Nothing private is used."""
+        return []
+
+
+def missing_attributes(owner: object, names: Sequence[str]) -> list[str]:
+    """The `names` `owner` lacks, each as ``Owner.name``."""
+    label = getattr(owner, "__name__", type(owner).__name__)
+    return [f"{label}.{name}" for name in names if not hasattr(owner, name)]
+
+
+def of_class(kinds: tuple[str, ...], value: object) -> bool:
+    """Whether `value`'s class or a base is one of `kinds` (``module.Class``)."""
+    return any(
+        f"{kind.__module__}.{kind.__qualname__}" in kinds
+        for kind in type(value).__mro__
+    )
+
+
+class Coalescer(Generic[T]):
+    """Collects the requests made in one loop turn and sends them with one call."""
+
+    def __init__(self, send: Send[T]) -> None:
+        """Send what `submit` collects with `send`."""
+        self._send = send
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.rounds = 0
+        """Calls of `send` so far (for tests and benchmarks)."""
+
+    async def submit(self, request: T) -> None:
+        """Send `request` with the others of this loop turn; raise its error."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._pending = []
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush, loop)
+        self._pending.append((request, future))
+        await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.rounds += 1
+        task = loop.create_task(self._deliver(pending))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _deliver(self, pending: list[tuple[T, "asyncio.Future[None]"]]) -> None:
+        errors: Sequence[BaseException | None]
+        try:
+            errors = await self._send([request for request, _ in pending])
+        except asyncio.CancelledError:
+            for _, future in pending:
+                future.cancel()
+            raise
+        except Exception as exc:
+            # One exception object per caller: each raises it in its own task.
+            errors = [copy.copy(exc) for _ in pending]
+        for (_, future), error in zip(pending, errors, strict=True):
+            if future.done():
+                continue  # its caller was cancelled; the write happened anyway
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+async def ack_each(controllers: Sequence[AckController]) -> list[BaseException | None]:
+    """Ack each message not acked yet, concurrently; return each one's error."""
+    due = [(i, c) for i, c in enumerate(controllers) if not c.is_acked]
+    errors: list[BaseException | None] = [None] * len(controllers)
+    if len(due) == 1:
+        index, controller = due[0]
+        try:
+            await controller.ack()
+        except Exception as exc:
+            errors[index] = exc
+    elif due:
+        replies = await asyncio.gather(
+            *(controller.ack() for _, controller in due), return_exceptions=True
+        )
+        for (index, _), reply in zip(due, replies, strict=True):
+            if isinstance(reply, BaseException):
+                errors[index] = reply
+    return errors
+
+
+def each_error(exc: BaseException, count: int) -> list[BaseException | None]:
+    """`exc` for each of `count` requests, one object each."""
+    return [copy.copy(exc) for _ in range(count)]
+
+
+ResultBackend = AsyncResultBackend[Any]

@@ -1,0 +1,514 @@
+"""What the three Redis stream families share: reading, claiming, acks, writes, kicks.
+
+taskiq-redis's ``RedisStreamBroker``, ``RedisStreamClusterBroker`` and
+``RedisStreamSentinelBroker`` keep messages the same way (an entry with a
+``data`` field in a stream read by a consumer group, acked with ``XACK``) and
+differ in how a client reaches the server. `StreamFamily` does the work once;
+each family module says how it connects (`StreamFamily.client`).
+
+Reading (`StreamFamily.listen`, what a `batchtask.BatchReceiver` reads): one
+``XREADGROUP`` per read, with taskiq-redis's stream, group and consumer
+names, so stock workers and batchtask's share one stream. Entries left
+unacknowledged for the idle time (the broker's ``idle_timeout``) are claimed
+with ``XAUTOCLAIM`` on a timer (`CLAIM_EVERY`), whether or not new entries
+arrive: a dead worker's entries come back on a quiet stream too.
+taskiq-redis's own ``listen()`` claims only after a read that returned new
+entries, with a lock round trip each time, and the Cluster and Sentinel
+brokers never claim. An entry read here knows whether it was claimed, so no
+``XPENDING`` is needed to tell a redelivery. An entry without a ``data``
+field (written by another tool, or a bug) is logged and acknowledged; it
+never ends the reader.
+"""
+
+import asyncio
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar, cast
+
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage
+
+from batchtask.brokers._base import (
+    DEFAULTS,
+    AckPairs,
+    Coalescer,
+    Delivery,
+    Options,
+    PerMessage,
+    RawAck,
+    ack_each,
+    each_error,
+)
+
+logger = logging.getLogger("batchtask")
+
+CLAIM_EVERY = 1.0
+"""Seconds between two ``XAUTOCLAIM`` rounds of one reader."""
+
+DEFAULT_IDLE_MS = 600_000
+"""Idle time before a claim where the broker has no ``idle_timeout`` (taskiq-redis's
+default for ``RedisStreamBroker``)."""
+
+Target = tuple[str | bytes, str | bytes]
+"""(stream, entry id): what one ``XACK`` names."""
+
+
+class StreamAck:
+    """The ack of one entry read by `StreamFamily.listen`: an ``XACK`` of its id."""
+
+    __slots__ = ("claimed", "entry", "family", "stream")
+
+    def __init__(
+        self,
+        family: "StreamFamily",
+        stream: str | bytes,
+        entry: str | bytes,
+        *,
+        claimed: bool,
+    ) -> None:
+        """Ack `entry` of `stream`; `claimed` if ``XAUTOCLAIM`` handed it out."""
+        self.family = family
+        self.stream = stream
+        self.entry = entry
+        self.claimed = claimed
+
+    async def __call__(self) -> None:
+        """Send this entry's ``XACK`` (with this loop turn's others, if grouped)."""
+        family = self.family
+        if family.options.group_acks:
+            await family.grouped_xack.submit((self.stream, self.entry))
+            return
+        (error,) = await family.xack([(self.stream, self.entry)])
+        if error is not None:
+            raise error
+
+
+class StreamFamily(PerMessage):
+    """A taskiq-redis stream broker (see the module); subclasses say how to connect."""
+
+    family: ClassVar[str] = "redis-stream"
+    ack_closure: ClassVar[str] = ""
+    """The qualified name of the broker's own ack closures."""
+
+    def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
+        """Serve `broker` (a taskiq-redis stream broker) with `options`."""
+        super().__init__(broker, options)
+        self.stream: Any = broker
+        self.grouped_xack: Coalescer[Target] = Coalescer(self.xack)
+        self.round_trips = 0
+        """``XACK`` round trips sent so far (for tests and benchmarks)."""
+        self.malformed = 0
+        """Entries without a ``data`` field acknowledged so far."""
+        self._asking: list[tuple[Target, asyncio.Future[int]]] = []
+        self._asks: set[asyncio.Task[None]] = set()
+
+    # -- connecting (one per family) -------------------------------------------
+
+    def client(self) -> AbstractAsyncContextManager[Any]:
+        """A client of the server the stream is on, for one use."""
+        raise NotImplementedError
+
+    @property
+    def idle_ms(self) -> int:
+        """Milliseconds an entry stays unacknowledged before it is claimed."""
+        own = getattr(self.broker, "idle_timeout", None)
+        if isinstance(own, int) and not isinstance(own, bool):
+            return own
+        return self.options.idle_timeout_ms or DEFAULT_IDLE_MS
+
+    def streams(self) -> dict[Any, Any]:
+        """The streams a read asks for, each with its starting id."""
+        broker = self.stream
+        return {broker.queue_name: ">", **broker.additional_streams}
+
+    # -- deliveries -------------------------------------------------------------
+
+    def listen(self) -> AsyncIterator[Delivery]:
+        """Read new entries and claim idle ones on a timer (see the module)."""
+        if self.changes():
+            return super().listen()
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[Delivery]:
+        broker = self.stream
+        group, consumer = broker.consumer_group_name, broker.consumer_name
+        count = getattr(broker, "count", None) or 100
+        block_ms = max(1, int(broker.block))
+        loop = asyncio.get_running_loop()
+        claim_due = loop.time()
+        async with self.client() as client:
+            while True:
+                if loop.time() >= claim_due:
+                    for stream in list(self.streams()):
+                        async for message in self._claim(client, stream):
+                            yield message
+                    claim_due = loop.time() + CLAIM_EVERY
+                wait = max(1, min(block_ms, int((claim_due - loop.time()) * 1000)))
+                fetched: Any = await client.xreadgroup(
+                    group, consumer, self.streams(), block=wait, count=count
+                )
+                for stream, entries in fetched or ():
+                    for entry, fields in entries:
+                        read = await self._message(
+                            client, stream, entry, fields, claimed=False
+                        )
+                        if read is not None:
+                            yield read
+
+    async def _claim(self, client: Any, stream: Any) -> AsyncIterator[AckableMessage]:
+        """Claim `stream`'s entries idle for `idle_ms`, all of them, in rounds."""
+        broker = self.stream
+        cursor: Any = "0-0"
+        while True:
+            reply: Any = await client.xautoclaim(
+                stream,
+                broker.consumer_group_name,
+                broker.consumer_name,
+                min_idle_time=self.idle_ms,
+                start_id=cursor,
+                count=getattr(broker, "unacknowledged_batch_size", 100),
+            )
+            cursor, entries = reply[0], reply[1]
+            if entries:
+                logger.info(
+                    "batchtask: claimed %d entr%s of stream %s idle for %d ms",
+                    len(entries),
+                    "y" if len(entries) == 1 else "ies",
+                    _text(stream),
+                    self.idle_ms,
+                )
+            for entry, fields in entries:
+                message = await self._message(
+                    client, stream, entry, fields, claimed=True
+                )
+                if message is not None:
+                    yield message
+            if _text(cursor) == "0-0" or not entries:
+                return
+
+    async def _message(
+        self, client: Any, stream: Any, entry: Any, fields: object, *, claimed: bool
+    ) -> AckableMessage | None:
+        found: dict[object, object] | None = (
+            cast("dict[object, object]", fields) if isinstance(fields, dict) else None
+        )
+        data = None if found is None else found.get(b"data")
+        if isinstance(data, bytes):
+            return AckableMessage.model_construct(
+                data=data, ack=StreamAck(self, stream, entry, claimed=claimed)
+            )
+        self.malformed += 1
+        keys = None if found is None else sorted(_text(key) for key in found)
+        logger.error(
+            "batchtask: stream %s entry %s has no data field (fields: %s); it is "
+            "not a taskiq message: acknowledged without running",
+            _text(stream),
+            _text(entry),
+            keys,
+        )
+        try:
+            await client.xack(stream, self.stream.consumer_group_name, entry)
+        except Exception:
+            logger.warning(
+                "batchtask: could not acknowledge entry %s; it comes back after "
+                "the idle time",
+                _text(entry),
+                exc_info=True,
+            )
+        return None
+
+    def redelivered(self, data: Delivery) -> bool | None:
+        """Whether `data` was delivered before: claimed entries were.
+
+        An entry of the broker's own ``listen()`` older than the idle time may
+        be (None: `delivered_before` asks).
+        """
+        if not isinstance(data, AckableMessage):
+            return False
+        ack = data.ack
+        if isinstance(ack, StreamAck):
+            return ack.claimed
+        target = self.closure_target(ack)
+        if target is None:
+            return False
+        text = _text(target[1])
+        try:
+            added_ms = int(text.partition("-")[0])
+        except ValueError:
+            return False
+        # XAUTOCLAIM hands out only entries idle that long; a fresh read returns
+        # one older only from a backlog that old: then XPENDING tells.
+        return None if added_ms <= time.time() * 1000 - self.idle_ms else False
+
+    async def delivered_before(self, data: Delivery) -> bool:
+        """Whether the entry's delivery count is above 1 (``XPENDING``).
+
+        The entries asked about in one loop turn share one round trip.
+        """
+        target = (
+            self.closure_target(data.ack) if isinstance(data, AckableMessage) else None
+        )
+        if target is None:
+            return False
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        if not self._asking:
+            loop.call_soon(self._start_asking)
+        self._asking.append((target, future))
+        return await future > 1
+
+    def _start_asking(self) -> None:
+        # Held here until done: a task nothing refers to may be collected
+        # mid-flight, and its askers would wait forever.
+        task = asyncio.ensure_future(self._ask())
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
+
+    async def _ask(self) -> None:
+        asking, self._asking = self._asking, []
+        try:
+            async with self.client() as client:
+                pipeline = client.pipeline(transaction=False)
+                for (stream, entry), _ in asking:
+                    pipeline.xpending_range(
+                        stream,
+                        self.stream.consumer_group_name,
+                        min=entry,
+                        max=entry,
+                        count=1,
+                    )
+                replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        except Exception as exc:
+            replies = [exc] * len(asking)
+        for (_, future), reply in zip(asking, replies, strict=True):
+            if not future.done():
+                future.set_result(_times_delivered(reply))
+
+    # -- acks -------------------------------------------------------------------
+
+    def target(self, ack: RawAck | None) -> Target | None:
+        """(stream, id) of one of this broker's acks, or None."""
+        if isinstance(ack, StreamAck):
+            return (ack.stream, ack.entry) if ack.family is self else None
+        return None if ack is None else self.closure_target(ack)
+
+    def closure_target(self, ack: Callable[..., Any]) -> Target | None:
+        """(stream, id) a broker's own ack closure acks, or None."""
+        code = getattr(ack, "__code__", None)
+        cells = getattr(ack, "__closure__", None)
+        if code is None or cells is None or ack.__qualname__ != self.ack_closure:
+            return None
+        try:
+            bound = {
+                name: cell.cell_contents
+                for name, cell in zip(code.co_freevars, cells, strict=True)
+            }
+        except ValueError:  # an empty cell
+            return None
+        stream, entry = bound.get("queue_name"), bound.get("id")
+        if bound.get("self") is not self.broker or not isinstance(stream, (str, bytes)):
+            return None
+        if not isinstance(entry, (str, bytes)):
+            return None
+        return stream, entry
+
+    async def ack_many(self, acks: AckPairs) -> list[BaseException | None]:
+        """One ``XACK`` per stream for this broker's messages; others one by one."""
+        if not self.options.group_acks:
+            return await super().ack_many(acks)
+        errors: list[BaseException | None] = [None] * len(acks)
+        streamed: list[int] = []
+        targets: list[Target] = []
+        others: list[int] = []
+        for index, (controller, raw) in enumerate(acks):
+            if controller.is_acked:
+                continue
+            target = self.target(raw)
+            if target is None:
+                others.append(index)
+            else:
+                streamed.append(index)
+                targets.append(target)
+        if targets:
+            try:
+                replies = await self.xack(targets)
+            except Exception as exc:
+                replies = each_error(exc, len(targets))
+            for index, reply in zip(streamed, replies, strict=True):
+                errors[index] = reply
+                if reply is None:
+                    acks[index][0].is_acked = True
+        for index, error in zip(
+            others, await ack_each([acks[i][0] for i in others]), strict=True
+        ):
+            errors[index] = error
+        return errors
+
+    async def xack(self, requests: list[Target]) -> list[BaseException | None]:
+        """``XACK`` each (stream, id): one pipeline, one command per stream."""
+        streams: dict[str | bytes, list[int]] = {}
+        for index, (stream, _) in enumerate(requests):
+            streams.setdefault(stream, []).append(index)
+        errors: list[BaseException | None] = [None] * len(requests)
+        self.round_trips += 1
+        async with self.client() as client:
+            pipeline = client.pipeline(transaction=False)
+            for stream, indexes in streams.items():
+                ids = [requests[index][1] for index in indexes]
+                pipeline.xack(stream, self.stream.consumer_group_name, *ids)
+            replies: list[Any] = await pipeline.execute(raise_on_error=False)
+        for indexes, reply in zip(streams.values(), replies, strict=True):
+            if isinstance(reply, BaseException):
+                for index in indexes:
+                    errors[index] = reply
+        return errors
+
+    def grouped(self, ack: RawAck) -> Callable[[], Awaitable[None]] | None:
+        """A grouped version of one of this broker's acks, or None."""
+        target = self.target(ack)
+        if target is None:
+            return None
+        submit = self.grouped_xack.submit
+
+        async def grouped_ack() -> None:
+            await submit(target)
+
+        return grouped_ack
+
+    def stock_message(self, data: AckableMessage) -> AckableMessage:
+        """`data` with its ``XACK`` sent with this loop turn's others."""
+        if not self.options.group_acks or isinstance(data.ack, StreamAck):
+            return data
+        grouped = self.grouped(data.ack)
+        if grouped is None:
+            return data
+        return AckableMessage.model_construct(data=data.data, ack=grouped)
+
+    def on_stock_worker(self) -> None:
+        """Wrap the broker's ``listen`` to hand out grouped acks."""
+        broker = self.broker
+        if "listen" in vars(broker):
+            return
+        listen = broker.listen
+        stock_message = self.stock_message
+
+        async def listen_with_grouped_acks() -> AsyncIterator[Delivery]:
+            deliveries = listen()
+            try:
+                async for message in deliveries:
+                    if isinstance(message, AckableMessage):
+                        message = stock_message(message)
+                    yield message
+            finally:
+                await deliveries.aclose()
+
+        setattr(broker, "listen", listen_with_grouped_acks)  # noqa: B010
+
+    # -- kicks and checks ---------------------------------------------------------
+
+    async def kick_many(self, messages: Sequence[BrokerMessage]) -> None:
+        """Every message's ``XADD`` in one pipeline, as the broker's ``kick`` does."""
+        broker = self.stream
+        async with self.client() as client:
+            pipeline = client.pipeline(transaction=False)
+            for message in messages:
+                pipeline.xadd(
+                    message.labels.get("queue_name") or broker.queue_name,
+                    {b"data": message.message},
+                    maxlen=broker.maxlen,
+                    approximate=broker.approximate,
+                )
+            await pipeline.execute()
+
+    def redelivery_window(self) -> tuple[float, str] | None:
+        """The idle time after which an unacknowledged entry is claimed."""
+        own = getattr(self.broker, "idle_timeout", None)
+        if isinstance(own, (int, float)) and not isinstance(own, bool):
+            return own / 1000, f"{type(self.broker).__name__}(idle_timeout={own:g})"
+        idle = self.idle_ms
+        return idle / 1000, f"BatchReceiver(idle_timeout={idle})"
+
+    def changes(self) -> list[str]:
+        """What the reader and grouped acks need from the broker and did not find."""
+        names = ("queue_name", "consumer_group_name", "consumer_name", "block")
+        missing = [n for n in names if not hasattr(self.broker, n)]
+        if not isinstance(getattr(self.broker, "additional_streams", None), dict):
+            missing.append("additional_streams")
+        return [f"{type(self.broker).__name__}.{name}" for name in missing]
+
+
+def _times_delivered(reply: object) -> int:
+    """An ``XPENDING`` row's delivery count; 2 when unknown (then checked)."""
+    if isinstance(reply, list) and reply:
+        row: object = cast("list[object]", reply)[0]
+        if isinstance(row, dict):
+            count: object = cast("dict[str, object]", row).get("times_delivered")
+            if isinstance(count, int):
+                return count
+    return 2
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def expiry_of(backend: Any) -> list[Any]:
+    """``SET`` arguments for a taskiq-redis result backend's expiry, or []."""
+    ex = backend.result_ex_time or None
+    px = None if ex else backend.result_px_time or None
+    return ["EX", ex] if ex else ["PX", px] if px else []
+
+
+def dumped(
+    backend: Any, requests: list[tuple[str, Any]]
+) -> tuple[list[int], list[str], list[bytes], list[BaseException | None]]:
+    """Each request's key and value as the backend's ``set_result`` makes them.
+
+    Returns the indexes that could be dumped, their keys and values, and an
+    error per request (set for those that could not).
+    """
+    errors: list[BaseException | None] = [None] * len(requests)
+    indexes: list[int] = []
+    names: list[str] = []
+    values: list[bytes] = []
+    for index, (task_id, result) in enumerate(requests):
+        try:
+            value = backend.serializer.dumpb(result.model_dump(mode="json"))
+        except Exception as exc:  # this result only: it cannot be stored
+            errors[index] = exc
+            continue
+        indexes.append(index)
+        names.append(backend._task_name(task_id))
+        values.append(value)
+    return indexes, names, values, errors
+
+
+async def pipelined_sets(
+    client: Any, backend: Any, requests: list[tuple[str, Any]]
+) -> list[BaseException | None]:
+    """One ``SET`` per result in one pipeline (on a cluster: one per node)."""
+    indexes, names, values, errors = dumped(backend, requests)
+    if not names:
+        return errors
+    expiry = expiry_of(backend)
+    options: dict[str, Any] = {expiry[0].lower(): expiry[1]} if expiry else {}
+    pipeline = client.pipeline(transaction=False)
+    for name, value in zip(names, values, strict=True):
+        pipeline.set(name, value, **options)
+    try:
+        replies: list[Any] = await pipeline.execute(raise_on_error=False)
+    except Exception as exc:
+        replies = each_error(exc, len(names))
+    for index, reply in zip(indexes, replies, strict=True):
+        if isinstance(reply, BaseException):
+            errors[index] = copy.copy(reply)
+    return errors
+
+
+@contextlib.asynccontextmanager
+async def kept(client: Any) -> AsyncGenerator[Any]:
+    """`client` for one use, left open (a cluster client, a Sentinel master)."""
+    yield client
