@@ -113,3 +113,83 @@ def test_metrics_reach_taskiqs_multiprocess_collector() -> None:
     assert 'batch_flushes_total{reason="size",task_name="m:count"} 1.0' in lines
     assert 'batch_flushes_total{reason="manual",task_name="m:count"} 1.0' in lines
     assert 'batch_size_sum{task_name="m:count"} 4.0' in lines
+
+
+async def test_faults_a_receiver_survived_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Result writes and acks retried over dropped connections, and a listen()
+    started again, show as counters (no server: the faults are injected)."""
+    import redis.exceptions
+    from taskiq import TaskiqResult
+    from taskiq.brokers.inmemory_broker import InmemoryResultBackend
+
+    from batchtask import BatchReceiver, _faults, worker
+    from tests.conftest import results_through
+    from tests.test_differential import AckingBroker, Log
+
+    monkeypatch.setattr(_faults, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(worker, "RELISTEN_DELAYS", (0.0,))
+    dropped = redis.exceptions.ConnectionError("dropped")
+
+    class FlakyBackend(InmemoryResultBackend[object]):
+        writes_to_fail = 2
+
+        async def set_result(self, task_id: str, result: TaskiqResult[object]) -> None:
+            if FlakyBackend.writes_to_fail:
+                FlakyBackend.writes_to_fail -= 1
+                raise dropped
+            await super().set_result(task_id, result)
+
+    class FlakyBroker(AckingBroker):
+        listens = 0
+
+        async def listen(self):  # type: ignore[override]
+            FlakyBroker.listens += 1
+            if FlakyBroker.listens == 1:
+                raise dropped
+                yield b""  # an async generator
+            async for message in super().listen():
+                yield message
+
+    log: Log = {}
+    registry = CollectorRegistry()
+    broker = FlakyBroker(log).with_result_backend(FlakyBackend())
+    broker.add_middlewares(BatchMetricsMiddleware(registry))
+
+    @batch_task(broker, batch_size=5, batch_timeout=0.05, task_name="m:faults")
+    async def write(values: list[int]) -> None:
+        pass
+
+    await broker.startup()
+    tasks = [await write.kiq(v) for v in range(5)]
+    receiver = BatchReceiver(broker, max_async_tasks=100, run_startup=False)
+    results = await results_through(receiver, tasks)
+    await broker.shutdown()
+
+    assert not any(r.is_err for r in results)
+    assert sample(registry, "batch_retries_total", what="write") >= 1
+    assert sample(registry, "batch_given_up_total", what="write") == 0
+    assert sample(registry, "batch_relistens_total") == 1
+
+
+def test_each_fault_event_has_its_counter() -> None:
+    from batchtask._faults import FAULT_EVENTS
+
+    registry = CollectorRegistry()
+    metrics = BatchMetricsMiddleware(registry)
+    for count, event in enumerate(FAULT_EVENTS, start=1):
+        metrics.fault(event, count)
+    expected = {
+        ("batch_retries_total", (("what", "write"),)): 1,
+        ("batch_given_up_total", (("what", "write"),)): 2,
+        ("batch_retries_total", (("what", "ack"),)): 3,
+        ("batch_given_up_total", (("what", "ack"),)): 4,
+        ("batch_redelivered_total", (("outcome", "joined"),)): 5,
+        ("batch_redelivered_total", (("outcome", "acked_unrun"),)): 6,
+        ("batch_suspect_items_total", ()): 7,
+        ("batch_poison_items_total", ()): 8,
+        ("batch_relistens_total", ()): 9,
+    }
+    for (name, labels), value in expected.items():
+        assert sample(registry, name, **dict(labels)) == value, name

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from taskiq import AsyncResultBackend
 from taskiq.result_backends.dummy import DummyResultBackend
@@ -57,6 +57,38 @@ UNACKED_MEMORY = 100_000
 """Task ids of finished messages whose ack failed, kept per worker process."""
 
 
+@runtime_checkable
+class FaultObserver(Protocol):
+    """Where fault events are counted (`batchtask.metrics`)."""
+
+    def fault(self, event: str, count: int) -> None:
+        """`count` messages (or listens) met `event` (see `FAULT_EVENTS`)."""
+        ...
+
+
+FAULT_EVENTS = (
+    "write_retried",
+    "write_given_up",
+    "ack_retried",
+    "ack_given_up",
+    "redelivered_joined",
+    "redelivered_acked_unrun",
+    "suspect",
+    "poison",
+    "relisten",
+)
+"""What a `FaultObserver` is told: a result write or ack sent again after a
+transient failure, or given up after `RETRY_DELAYS`; a redelivered copy that
+joined its held first copy, or was acked without a call (its first copy had
+finished); an item run as a suspect, or failed as the poison; a ``listen()``
+started again after a fault."""
+
+
+def fault_observer(observer: object) -> FaultObserver | None:
+    """`observer` if it counts fault events, else None."""
+    return observer if isinstance(observer, FaultObserver) else None
+
+
 def transient(error: BaseException) -> bool:
     """Whether `error` looks like a fault of the connection, worth a retry.
 
@@ -80,12 +112,17 @@ async def retried(
     items: Sequence[T],
     send: Callable[[Sequence[T]], Awaitable[Sequence[BaseException | None]]],
     describe: Callable[[T], str],
+    *,
+    observer: FaultObserver | None = None,
+    event: str = "",
 ) -> list[BaseException | None]:
     """`send` the items; send again those that failed transiently; each's error.
 
     `send` is called with the items still failing (it reads anything that
     changed meanwhile, such as an ack handed over by a redelivered copy).
-    Gives up after `RETRY_DELAYS`, logging what could not be done.
+    Gives up after `RETRY_DELAYS`, logging what could not be done. Retries
+    and what was given up are counted as ``<event>_retried`` and
+    ``<event>_given_up`` with `observer`, where given.
     """
     errors: list[BaseException | None] = list(await send(items))
     for attempt, delay in enumerate(RETRY_DELAYS, start=1):
@@ -105,11 +142,15 @@ async def retried(
             len(RETRY_DELAYS),
             delay,
         )
+        if observer is not None:
+            observer.fault(f"{event}_retried", len(due))
         await asyncio.sleep(delay)
         replies = await send([items[index] for index in due])
         for index, reply in zip(due, replies, strict=True):
             errors[index] = reply
     failed = [index for index, error in enumerate(errors) if error is not None]
+    if failed and observer is not None:
+        observer.fault(f"{event}_given_up", len(failed))
     if failed:
         logger.error(
             "batchtask: %s failed for %d message(s), given up: %s",

@@ -71,7 +71,7 @@ from batchtask import _lifecycle, _spans
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
-from batchtask._faults import Redeliveries, retried
+from batchtask._faults import FaultObserver, Redeliveries, fault_observer, retried
 from batchtask._grouping import store_many
 from batchtask._outcomes import Outcome
 from batchtask._shaping import (
@@ -169,6 +169,8 @@ class NativePath:
         self.redeliveries = Redeliveries(self.broker.result_backend)
         self.gate = Gate()
         self._tracer: _spans.CallTracer | None = None
+        self.faults: FaultObserver | None = None
+        """Where fault events are counted (`batchtask.metrics`), if anywhere."""
         self._own_contexts = False
         """Whether each message gets its own context (`_intake`)."""
 
@@ -181,6 +183,7 @@ class NativePath:
         self._post_execute = _overriding(reversed(middlewares), "post_execute")
         self._post_save = _overriding(reversed(middlewares), "post_save")
         self._tracer = _spans.tracer_of(self.broker)
+        self.faults = fault_observer(_lifecycle.observer_of(self.broker))
         self._own_contexts = self._tracer is not None or any(
             (self._pre_execute, self._on_error, self._post_execute, self._post_save)
         )
@@ -252,6 +255,7 @@ class NativePath:
         copy.done = True
         if copy.holds_slot:
             self.receiver.sem_prefetch.release()
+        self._count("redelivered_joined")
         logger.info(
             "batchtask: message %s was delivered again while held here; its "
             "new delivery's ack replaces the old one",
@@ -283,6 +287,7 @@ class NativePath:
             await self._skip(item)
             return
         if item.cap == POISON:
+            self._count("poison")
             logger.error(
                 "batchtask: message %s of task %s was alone in a call that ended "
                 "its worker process; it fails and is not run again",
@@ -300,6 +305,7 @@ class NativePath:
     async def _skip(self, item: NativeItem) -> None:
         """Ack a redelivered copy of a message that already ran, without a call."""
         self.redeliveries.skipped += 1
+        self._count("redelivered_acked_unrun")
         logger.info(
             "batchtask: message %s was delivered again after its call finished; "
             "acked without running it again",
@@ -427,7 +433,14 @@ class NativePath:
         self._spawn(self._ack_now(items))
 
     async def _ack_now(self, items: list[NativeItem]) -> None:
-        errors = await retried("acknowledging on receipt", items, self.ack_many, _id)
+        errors = await retried(
+            "acknowledging on receipt",
+            items,
+            self.ack_many,
+            _id,
+            observer=self.faults,
+            event="ack",
+        )
         for item, error in zip(items, errors, strict=True):
             item.ack_error = error
             if item.received is not None and not item.received.done():
@@ -541,6 +554,7 @@ class NativePath:
             lambda: [sent_at(item.message.labels, item.started) for item in every],
         )
         if suspect and call.passed:
+            self._count("suspect", len(call.passed))
             logger.warning(
                 "batchtask: %d item(s) of task %s delivered again without a "
                 "result (their call may have ended a worker) run in a call alone",
@@ -742,7 +756,12 @@ class NativePath:
             unsaved: set[int] = set()
             if to_store:
                 errors = await retried(
-                    "storing results", to_store, self._store, _id_of_pair
+                    "storing results",
+                    to_store,
+                    self._store,
+                    _id_of_pair,
+                    observer=self.faults,
+                    event="write",
                 )
                 stored: Finished = []
                 for pair, write_error in zip(to_store, errors, strict=True):
@@ -791,7 +810,9 @@ class NativePath:
 
     async def _ack_logged(self, due: Sequence[NativeItem]) -> None:
         """Ack `due`, retrying over faults; remember what never got through."""
-        errors = await retried("acknowledging", due, self.ack_many, _id)
+        errors = await retried(
+            "acknowledging", due, self.ack_many, _id, observer=self.faults, event="ack"
+        )
         for item, error in zip(due, errors, strict=True):
             if error is not None:
                 self.redeliveries.owe(item.message.task_id)
@@ -817,6 +838,11 @@ class NativePath:
             self.unslotted -= 1
 
     # -- life ------------------------------------------------------------
+
+    def _count(self, event: str, count: int = 1) -> None:
+        """Count a fault event (`batchtask._faults.FAULT_EVENTS`) where counted."""
+        if self.faults is not None:
+            self.faults.fault(event, count)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)

@@ -30,6 +30,23 @@ as taskiq's ``received_tasks`` or ``execution_time``):
 - ``batch_items_buffered`` (gauge): items waiting in buffers now (summed
   over the worker's live processes).
 
+Faults a `batchtask.BatchReceiver` worker survived (no ``task_name``: a
+batch's writes and acks may span tasks), each a counter:
+
+- ``batch_retries{what}``: messages whose result write (``what="write"``) or
+  ack (``"ack"``) failed transiently and was sent again (once per retry);
+- ``batch_given_up{what}``: messages whose write or ack still failed after
+  every retry (the message is redelivered and runs again);
+- ``batch_redelivered{outcome}``: redelivered copies recognised: ``joined``
+  (the first copy was still held here; the copy's ack replaced its ack) or
+  ``acked_unrun`` (the first copy had finished: acked without a call);
+- ``batch_suspect_items``: items delivered again without a result, run in
+  a smaller call alone in the process;
+- ``batch_poison_items``: items that ended a call alone, failed with
+  ``PoisonItemError``;
+- ``batch_relistens``: times the broker's ``listen()`` failed on a fault and
+  was started again.
+
 Needs ``prometheus-client`` (``pip install batchtask[metrics]``). Metrics are
 created when the middleware is, so create it after taskiq's
 ``PrometheusMiddleware`` (which points ``PROMETHEUS_MULTIPROC_DIR`` at its
@@ -120,6 +137,40 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
             registry=target,
         )
 
+        self.retries = Counter(
+            "batch_retries",
+            "Result writes or acks sent again after a transient failure",
+            ["what"],
+            registry=target,
+        )
+        self.given_up = Counter(
+            "batch_given_up",
+            "Result writes or acks that failed after every retry",
+            ["what"],
+            registry=target,
+        )
+        self.redelivered = Counter(
+            "batch_redelivered",
+            "Redelivered copies recognised, by what became of them",
+            ["outcome"],
+            registry=target,
+        )
+        self.suspect_items = Counter(
+            "batch_suspect_items",
+            "Items delivered again without a result, run in a call alone",
+            registry=target,
+        )
+        self.poison_items = Counter(
+            "batch_poison_items",
+            "Items that ended a call alone, failed with PoisonItemError",
+            registry=target,
+        )
+        self.relistens = Counter(
+            "batch_relistens",
+            "Times the broker's listen() was started again after a fault",
+            registry=target,
+        )
+
     def set_broker(self, broker: AsyncBroker) -> None:
         """Called by taskiq when the middleware is added: observe `broker`."""
         super().set_broker(broker)
@@ -160,3 +211,22 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
     def deduplicated(self, task: str, items: int) -> None:
         """`items` items were folded into an equal one."""
         self.deduplicated_items.labels(task).inc(items)
+
+    def fault(self, event: str, count: int) -> None:
+        """`count` messages (or listens) met a fault `event`.
+
+        One of ``batchtask._faults.FAULT_EVENTS``.
+        """
+        what, _, stage = event.partition("_")
+        if stage in ("retried", "given_up") and what in ("write", "ack"):
+            counter = self.retries if stage == "retried" else self.given_up
+            counter.labels(what).inc(count)
+        elif event.startswith("redelivered_"):
+            outcome = event.removeprefix("redelivered_")
+            self.redelivered.labels(outcome).inc(count)
+        elif event == "suspect":
+            self.suspect_items.inc(count)
+        elif event == "poison":
+            self.poison_items.inc(count)
+        elif event == "relisten":
+            self.relistens.inc(count)

@@ -202,6 +202,8 @@ class BatchReceiver(Receiver):
                     # copies hand over their acks (AMQP).
                     delay = RELISTEN_DELAYS[min(failures, len(RELISTEN_DELAYS) - 1)]
                     failures += 1
+                    if native.faults is not None:
+                        native.faults.fault("relisten", 1)
                     logger.warning(
                         "batchtask: the broker's listen() failed (%r); listening "
                         "again in %.2f s (attempt %d), %d item(s) still held",
