@@ -37,6 +37,8 @@ SERVERS = {
     "rabbitmq": [("Redis", 6379), ("RabbitMQ", 5672)],
     "nats": [("Redis", 6379), ("NATS", 4222)],
     "postgres": [("Redis", 6379), ("PostgreSQL", 5432)],
+    "cluster": [("Redis", 6379), ("Redis Cluster", 7001)],
+    "sentinel": [("Redis", 6379), ("Redis Sentinel", 26379)],
 }
 
 
@@ -120,6 +122,14 @@ async def producer(queue: str) -> AsyncIterator[ModuleType]:
     sys.modules.pop(APP, None)
     app = importlib.import_module(APP)
     await app.broker.startup()
+    if app.KIND == "cluster":
+        # RedisStreamClusterBroker.startup() ends by closing its RedisCluster
+        # client (`async with self.redis`). Hundreds of kicks at once on a
+        # closed client race to set it up again; redis-py 8.1 then drops
+        # connections under commands in flight and retries them: duplicate
+        # XADDs (one message delivered twice), or a kick failing with
+        # SendTaskError. Set the client up before any kick.
+        await app.broker.redis.initialize()
     try:
         yield app
     finally:
@@ -151,7 +161,12 @@ async def serving(
 
 
 async def remove_queue(app: ModuleType, queue: str) -> None:
-    """Delete the test's queue on its broker and its Redis keys."""
+    """Delete the test's queue on its broker and its Redis keys.
+
+    The list and stream kinds' queue is the key `queue` on Redis itself; the
+    cluster and sentinel kinds' is that key in the cluster or on the master
+    the Sentinel names (their results stay there until they expire).
+    """
     client = redis.from_url(REDIS_URL)
     await client.delete(
         queue, f"{queue}:calls", f"{queue}:processed", f"{queue}:received"
@@ -172,6 +187,20 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
         with contextlib.suppress(Exception):
             await client_nats.jetstream().delete_stream(queue)
         await client_nats.close()
+    elif app.KIND == "cluster":
+        cluster = redis.RedisCluster.from_url(app.CLUSTER_URL)
+        try:
+            await cluster.delete(queue)
+        finally:
+            await cluster.aclose()
+    elif app.KIND == "sentinel":
+        sentinel = redis.Sentinel([app.SENTINEL])
+        try:
+            async with sentinel.master_for(app.SENTINEL_MASTER) as master:
+                await master.delete(queue)
+        finally:
+            for client_sentinel in sentinel.sentinels:
+                await client_sentinel.aclose()
     elif app.KIND == "postgres":
         import asyncpg
 

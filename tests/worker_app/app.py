@@ -6,8 +6,14 @@ Configured by environment variables so each test gets its own queue:
   keys below;
 - BATCHTASK_BROKER: "list" (Redis ListQueueBroker), "stream" (Redis
   RedisStreamBroker), "rabbitmq" (taskiq-aio-pika), "nats" (taskiq-nats
-  PullBasedJetStreamBroker) or "postgres" (taskiq-postgres AsyncpgBroker, its
-  table and channel named after the queue with ``_`` for ``-``);
+  PullBasedJetStreamBroker), "postgres" (taskiq-postgres AsyncpgBroker, its
+  table and channel named after the queue with ``_`` for ``-``), "cluster"
+  (RedisStreamClusterBroker on the Redis Cluster at 127.0.0.1:7001-7003) or
+  "sentinel" (RedisStreamSentinelBroker on the master the Sentinel at
+  127.0.0.1:26379 names "batchtask": 6380, or 6381 after a failover);
+  scripts/redis-topologies starts both topologies. Neither of these two
+  stream brokers redelivers (no ``idle_timeout``), nor takes
+  BATCHTASK_REDELIVER_AFTER;
 - BATCHTASK_BATCH_SIZE, BATCHTASK_BATCH_TIMEOUT: the batch settings;
 - BATCHTASK_QOS: RabbitMQ prefetch (``AioPikaBroker(qos=...)``, default 1000);
 - BATCHTASK_REDELIVER_AFTER: seconds after which the broker hands an
@@ -15,9 +21,16 @@ Configured by environment variables so each test gets its own queue:
   NATS ``ack_wait``); RabbitMQ redelivers when the consumer's connection drops.
 - BATCHTASK_BROKER_URL, BATCHTASK_RESULTS_URL: where the broker and the result
   backend connect (a fault test's proxy), instead of the servers themselves;
-  the ``<queue>:*`` records below always go to Redis directly.
+  the ``<queue>:*`` records below always go to Redis directly. For "cluster",
+  BATCHTASK_BROKER_URL replaces the cluster's URL for the broker and its
+  results alike (the client only starts there: it then talks to the nodes the
+  cluster announces); BATCHTASK_SENTINEL (``host:port``) replaces the
+  Sentinel's address for "sentinel" (again only the first hop: the master's
+  address comes from the Sentinel). BATCHTASK_RESULTS_URL applies to neither.
 
-Results go to Redis for every broker. Redis keys written by the worker:
+Results go to Redis (6379) for every broker except "cluster", whose results
+live in the cluster, and "sentinel", whose results live on the master the
+Sentinel names. Redis keys written by the worker, on 6379 for every broker:
 ``<queue>:received`` counts messages the receiver started (a middleware),
 ``<queue>:calls`` lists every call as ``pid:value,value,...`` and
 ``<queue>:processed`` counts, per item value, the calls that included it.
@@ -40,10 +53,25 @@ from typing import Any
 
 import redis.asyncio as redis
 from nats.js.api import ConsumerConfig, StreamConfig
-from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqMessage, TaskiqMiddleware
+from taskiq import (
+    AsyncBroker,
+    AsyncResultBackend,
+    Context,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+)
 from taskiq_aio_pika import AioPikaBroker, Exchange, Queue
 from taskiq_nats import PullBasedJetStreamBroker
-from taskiq_redis import ListQueueBroker, RedisAsyncResultBackend, RedisStreamBroker
+from taskiq_redis import (
+    ListQueueBroker,
+    RedisAsyncClusterResultBackend,
+    RedisAsyncResultBackend,
+    RedisAsyncSentinelResultBackend,
+    RedisStreamBroker,
+    RedisStreamClusterBroker,
+    RedisStreamSentinelBroker,
+)
 
 from batchtask import BatchContext, batch_task
 from batchtask._lifecycle import buffered_items
@@ -52,10 +80,31 @@ REDIS_URL = "redis://127.0.0.1:6379"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 NATS_URL = "nats://127.0.0.1:4222"
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+CLUSTER_URL = "redis://127.0.0.1:7001"
+"""A node of the Redis Cluster (scripts/redis-topologies)."""
+SENTINEL = ("127.0.0.1", 26379)
+"""The Sentinel (scripts/redis-topologies), which names the master."""
+SENTINEL_MASTER = "batchtask"
+"""The name the Sentinel knows the master (6380, or 6381 after a failover) by."""
 BROKER_URL = os.environ.get("BATCHTASK_BROKER_URL")
 RESULTS_URL = os.environ.get("BATCHTASK_RESULTS_URL", REDIS_URL)
 QUEUE = os.environ.get("BATCHTASK_QUEUE", "batchtask-test")
 KIND = os.environ.get("BATCHTASK_BROKER", "list")
+_sentinel_host, _, _sentinel_port = os.environ.get("BATCHTASK_SENTINEL", "").rpartition(
+    ":"
+)
+SENTINELS = [(_sentinel_host, int(_sentinel_port)) if _sentinel_host else SENTINEL]
+"""The sentinel kind's Sentinels: BATCHTASK_SENTINEL (``host:port``) or ours."""
+XREAD_BLOCK = 2000
+"""The cluster and sentinel kinds' XREADGROUP BLOCK (ms), RedisStreamBroker's
+default. Theirs (10 s) outlasts redis-py 8's 5 s socket timeout: an idle
+sentinel-kind worker process would die every 5 s (TimeoutError in
+``listen``), and an idle cluster client time out and set itself up again."""
+SENTINEL_POOL = {"max_connections": 10_000}
+"""The sentinel kind's clients of the Sentinel. Each kick, ack and result
+opens its own connection to the master, asking the Sentinel where it is;
+redis-py 8's plain pool to the Sentinel refuses a 101st at once
+(MasterNotFoundError), and the tests kick up to 500 at once."""
 BATCH_SIZE = int(os.environ.get("BATCHTASK_BATCH_SIZE", "50"))
 BATCH_TIMEOUT = float(os.environ.get("BATCHTASK_BATCH_TIMEOUT", "1.0"))
 POISON = (
@@ -67,9 +116,22 @@ PG_TABLE = QUEUE.replace("-", "_")
 
 
 def make_broker() -> AsyncBroker:
-    backend: RedisAsyncResultBackend[object] = RedisAsyncResultBackend(
-        RESULTS_URL, result_ex_time=900
-    )
+    backend: AsyncResultBackend[object]
+    if KIND == "cluster":
+        # The cluster and sentinel kinds keep their results where their
+        # messages are: RESULTS_URL (plain Redis) does not apply.
+        backend = RedisAsyncClusterResultBackend(
+            BROKER_URL or CLUSTER_URL, result_ex_time=900
+        )
+    elif KIND == "sentinel":
+        backend = RedisAsyncSentinelResultBackend(
+            SENTINELS,
+            SENTINEL_MASTER,
+            result_ex_time=900,
+            sentinel_kwargs=SENTINEL_POOL,
+        )
+    else:
+        backend = RedisAsyncResultBackend(RESULTS_URL, result_ex_time=900)
     broker: AsyncBroker
     if KIND == "stream":
         broker = RedisStreamBroker(
@@ -105,6 +167,22 @@ def make_broker() -> AsyncBroker:
             dsn=BROKER_URL or PG_URL,
             channel_name=PG_TABLE,
             table_name=PG_TABLE,
+        )
+    elif KIND == "cluster":
+        broker = RedisStreamClusterBroker(
+            BROKER_URL or CLUSTER_URL,
+            queue_name=QUEUE,
+            consumer_group_name=QUEUE,
+            xread_block=XREAD_BLOCK,
+        )
+    elif KIND == "sentinel":
+        broker = RedisStreamSentinelBroker(
+            sentinels=SENTINELS,
+            master_name=SENTINEL_MASTER,
+            queue_name=QUEUE,
+            consumer_group_name=QUEUE,
+            xread_block=XREAD_BLOCK,
+            sentinel_kwargs=SENTINEL_POOL,  # to BaseSentinelBroker
         )
     else:
         broker = ListQueueBroker(BROKER_URL or REDIS_URL, queue_name=QUEUE)
