@@ -9,9 +9,11 @@ entry with one log line.
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.sentinel import Sentinel
 
 from tests.workers import (
     RECEIVER,
@@ -35,21 +37,45 @@ pytestmark = pytest.mark.workers
 IDLE_S = 5
 """The stream's idle time (``idle_timeout``) in these tests, seconds."""
 
+FAMILIES = ["stream", "cluster", "sentinel"]
+"""The Redis stream broker kinds of tests/worker_app/app.py."""
 
-async def test_a_dead_workers_items_on_a_quiet_stream_are_claimed_on_a_timer() -> None:
+
+def claims(kind: str) -> tuple[str, ...]:
+    """BatchReceiver flags: the idle time, for brokers without one of their own."""
+    if kind == "stream":  # RedisStreamBroker(idle_timeout=...) from the app
+        return RECEIVER
+    return (*RECEIVER, "--receiver_arg", f"idle_timeout={IDLE_S * 1000}")
+
+
+async def stream_client(kind: str) -> Any:
+    """A client of the server the kind's stream is on."""
+    if kind == "cluster":
+        return redis.RedisCluster.from_url("redis://127.0.0.1:7001")
+    if kind == "sentinel":
+        sentinel = Sentinel([("127.0.0.1", 26379)])
+        return sentinel.master_for("batchtask")
+    return redis.from_url(REDIS_URL)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+async def test_a_dead_workers_items_on_a_quiet_stream_are_claimed_on_a_timer(
+    kind: str,
+) -> None:
     """SIGKILL a worker holding 300 items; a second one processes them all, once
-    each, with no new message sent (no nudge)."""
-    require_broker("stream")
+    each, with no new message sent (no nudge). The Cluster and Sentinel
+    brokers of taskiq-redis never claim on their own."""
+    require_broker(kind)
     queue = new_queue()
     count = 300
     first_settings = {
-        "BATCHTASK_BROKER": "stream",
+        "BATCHTASK_BROKER": kind,
         "BATCHTASK_BATCH_SIZE": "1000",
         "BATCHTASK_BATCH_TIMEOUT": "600",
         "BATCHTASK_REDELIVER_AFTER": str(IDLE_S),
     }
     with app_env(queue, **first_settings) as env:
-        first = start_worker(env, "--workers", "1", *RECEIVER)
+        first = start_worker(env, "--workers", "1", *claims(kind))
     try:
         await wait_listening(first)
         with app_env(queue, **first_settings):
@@ -68,7 +94,7 @@ async def test_a_dead_workers_items_on_a_quiet_stream_are_claimed_on_a_timer() -
                     "BATCHTASK_BATCH_TIMEOUT": "0.5",
                 }
                 with app_env(queue, **second_settings) as env:
-                    second = start_worker(env, "--workers", "1", *RECEIVER)
+                    second = start_worker(env, "--workers", "1", *claims(kind))
                 try:
                     await wait_listening(second)
 
@@ -86,7 +112,7 @@ async def test_a_dead_workers_items_on_a_quiet_stream_are_claimed_on_a_timer() -
     finally:
         kill(first)
     print(
-        f"quiet stream: {count} held by a killed worker, idle_timeout {IDLE_S} s: "
+        f"quiet stream [{kind}]: {count} held by a killed worker, idle {IDLE_S} s: "
         f"all {len(counts)} processed {took:.1f} s after the kill, no new message"
     )
     assert sorted(counts) == list(range(count))
@@ -95,22 +121,23 @@ async def test_a_dead_workers_items_on_a_quiet_stream_are_claimed_on_a_timer() -
     assert "claimed" in log
 
 
-async def test_an_entry_without_a_data_field_is_acked_and_never_kills_a_worker() -> (
-    None
-):
+@pytest.mark.parametrize("kind", FAMILIES)
+async def test_an_entry_without_a_data_field_is_acked_and_never_kills_a_worker(
+    kind: str,
+) -> None:
     """``XADD <stream> * nodata 1``: logged once, acknowledged; the worker lives
     and serves the items kicked after it."""
-    require_broker("stream")
+    require_broker(kind)
     queue = new_queue()
     async with serving(
         queue,
-        *RECEIVER,
-        BATCHTASK_BROKER="stream",
+        *claims(kind),
+        BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="10",
         BATCHTASK_BATCH_TIMEOUT="0.3",
         BATCHTASK_REDELIVER_AFTER=str(IDLE_S),
     ) as (worker, app):
-        client = redis.from_url(REDIS_URL)
+        client = await stream_client(kind)
         try:
             await client.xadd(queue, {"nodata": "1"})
             tasks = await app.double.kiq_many(range(20), "t")
