@@ -152,3 +152,67 @@ async def test_an_entry_without_a_data_field_is_acked_and_never_kills_a_worker(
     assert log.count("has no data field") == 1
     assert "is dead" not in log, "the worker process never died"
     assert "KeyError" not in log
+
+
+async def test_a_burst_on_redis_cluster_writes_every_result_without_a_failure() -> None:
+    """2,000 items at once on a Redis Cluster: results go in one pipeline per
+    node per batch, so no write fails and none is retried."""
+    require_broker("cluster")
+    queue = new_queue()
+    async with serving(
+        queue,
+        *claims("cluster"),
+        BATCHTASK_BROKER="cluster",
+        BATCHTASK_BATCH_SIZE="100",
+        BATCHTASK_BATCH_TIMEOUT="0.5",
+    ) as (worker, app):
+        tasks = await app.double.kiq_many(range(2000), "t")
+        results = [await t.wait_result(timeout=120) for t in tasks]
+        log = worker_log(worker)
+    failed = log.count("storing results failed")
+    print(f"cluster burst: 2000 items, {failed} failed result writes logged")
+    assert [r.return_value for r in results] == [2 * i for i in range(2000)]
+    assert failed == 0
+    assert "Can't set result" not in log
+
+
+async def test_a_sentinel_failover_with_items_buffered_loses_none() -> None:
+    """``SENTINEL FAILOVER`` while a worker holds 300 buffered items: the worker
+    listens again on the new master and every item gets its result."""
+    require_broker("sentinel")
+    queue = new_queue()
+    sentinel = redis.Redis(port=26379)
+    async with serving(
+        queue,
+        *claims("sentinel"),
+        BATCHTASK_BROKER="sentinel",
+        BATCHTASK_BATCH_SIZE="1000",
+        BATCHTASK_BATCH_TIMEOUT="8",
+    ) as (worker, app):
+        tasks = await app.double.kiq_many(range(300), "t")
+
+        async def all_held() -> bool:
+            return await received(queue) >= 300
+
+        await until(all_held, 60, "300 items buffered")
+        before = await sentinel.execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "batchtask"
+        )
+        await sentinel.execute_command("SENTINEL", "FAILOVER", "batchtask")
+
+        async def moved() -> bool:
+            now = await sentinel.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "batchtask"
+            )
+            return bool(now != before)
+
+        await until(moved, 60, "the master moved")
+        results = [await t.wait_result(timeout=120) for t in tasks]
+        await asyncio.sleep(1.0)
+        counts = await processed(queue)
+        log = worker_log(worker)
+    await sentinel.aclose()
+    print(f"sentinel failover: 300 buffered, {len(counts)} processed")
+    assert [r.return_value for r in results] == [2 * i for i in range(300)]
+    assert sorted(counts) == list(range(300))
+    assert "is dead" not in log
