@@ -13,12 +13,14 @@ import uuid
 from typing import Any
 
 import pytest
-from taskiq import AsyncTaskiqTask, TaskiqMessage
+import redis.asyncio as redis
+from taskiq import AsyncTaskiqTask, BrokerMessage, TaskiqMessage
 from taskiq.exceptions import SendTaskError
 
 from batchtask import BatchArgumentError, BatchCallError, ItemValidationError
 from tests.workers import (
     RECEIVER,
+    REDIS_URL,
     app_env,
     kill,
     new_queue,
@@ -358,3 +360,50 @@ async def test_rabbitmq_prefetch_below_batch_size_caps_batches_and_warns() -> No
     assert "app:double (batch_size=50)" in log
     assert [r.return_value for r in results] == [2 * i for i in range(100)]
     assert max(sizes) <= 10
+
+
+@pytest.mark.parametrize("kind", sorted(ACKING))
+async def test_malformed_deliveries_are_logged_acked_and_never_stop_reading(
+    kind: str,
+) -> None:
+    """Under BatchReceiver: a body that is not JSON, JSON without the task
+    fields, a task no worker knows, and a batch task's message whose arguments
+    do not bind each end on their own (logged, acknowledged; the batch task's
+    error stored under its task id), and the worker goes on serving."""
+    require_broker(kind)
+    queue = new_queue()
+    async with serving(
+        queue,
+        *RECEIVER,
+        BATCHTASK_BROKER=kind,
+        BATCHTASK_BATCH_SIZE="10",
+        BATCHTASK_BATCH_TIMEOUT="0.3",
+    ) as (worker, app):
+        for body in (b"not json at all", b'{"hello": 1}'):
+            await app.broker.kick(
+                BrokerMessage(task_id="x", task_name="x", message=body, labels={})
+            )
+        unknown = TaskiqMessage(
+            task_id=uuid.uuid4().hex,
+            task_name="app:nobody",
+            labels={},
+            args=[1],
+            kwargs={},
+        )
+        await app.broker.kick(app.broker.formatter.dumps(unknown))
+        unbound = await _raw(app, args=[], kwargs={"colour": "red"})
+        good = await kick_all(app, range(20))
+        unbound_result = await unbound.wait_result(timeout=60)
+        results = [await t.wait_result(timeout=60) for t in good]
+        await asyncio.sleep(1.0)
+        log = worker_log(worker)
+        if kind == "stream":
+            client = redis.from_url(REDIS_URL)
+            pending = (await client.xpending(queue, queue))["pending"]
+            await client.aclose()
+            assert pending == 0, "every bad delivery was acknowledged"
+    assert [r.return_value for r in results] == [2 * i for i in range(20)]
+    assert unbound_result.is_err
+    assert log.count("Cannot parse message") == 2, "each bad body logged once"
+    assert log.count('task "app:nobody" is not found') == 1
+    assert "is dead" not in log, "the worker process never died"
