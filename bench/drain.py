@@ -904,7 +904,10 @@ ACTIVITIES = [
     ("broker listen / fetch", r"\.listen \(taskiq_(redis|aio_pika|nats)/"),
     ("message parse (formatter.loads, labels)", r"\.(loads|parse_labels) \(taskiq/"),
     ("receiver: params, dependencies", r"parse_params \(|\(taskiq_dependencies/"),
-    ("BatchReceiver: a batch's results, one pipeline", r"write \(batchtask/(_grouping|brokers/redis_stream)"),
+    (
+        "BatchReceiver: a batch's results, one pipeline",
+        r"write \(batchtask/(_grouping|brokers/redis_stream)",
+    ),
     ("BatchReceiver: a batch's acks, one XACK", r"xack \(batchtask/brokers/_redis"),
     (
         "batchtask (bind, validate, batch, fan-out)",
