@@ -1,14 +1,15 @@
 """Each taskiq ack type on real brokers, with real `taskiq worker` processes.
 
-Brokers: Redis stream (RedisStreamBroker), RabbitMQ (taskiq-aio-pika) and
-NATS JetStream (taskiq-nats, pull consumer); each under taskiq's stock
+Brokers: Redis stream (RedisStreamBroker, and the Cluster and Sentinel
+brokers), RabbitMQ (taskiq-aio-pika) and NATS JetStream (taskiq-nats, pull
+consumer); each under taskiq's stock
 receiver and under ``--receiver batchtask:BatchReceiver``, which must behave
 the same. The worker serves the ``app:ack_*`` batch tasks of
 ``tests/worker_app/app.py``, one per way of acknowledging.
 
 How an unacknowledged message is seen on each broker:
 
-- Redis stream: the consumer group's pending entries (``XPENDING``), read
+- Redis streams: the consumer group's pending entries (``XPENDING``), read
   back with ``XRANGE`` to name each pending item;
 - RabbitMQ: nothing shows a live consumer's unacked messages without the
   management plugin, so the worker is killed at the end: RabbitMQ puts its
@@ -37,6 +38,7 @@ from taskiq.exceptions import TaskiqResultTimeoutError
 from tests.workers import (
     RECEIVER,
     REDIS_URL,
+    STREAM_KINDS,
     app_env,
     kill,
     new_queue,
@@ -45,13 +47,14 @@ from tests.workers import (
     require_broker,
     serving,
     start_worker,
+    stream_client,
     until,
     wait_listening,
     worker_log,
 )
 
 NATS_URL = "nats://127.0.0.1:4222"
-KINDS = ["stream", "rabbitmq", "nats"]
+KINDS = ["stream", "rabbitmq", "nats", "cluster", "sentinel"]
 RECEIVERS: dict[str, tuple[str, ...]] = {"stock": (), "batchtask": RECEIVER}
 ITEMS = range(20)
 """Each ack type's items: two full batches of 10."""
@@ -90,9 +93,11 @@ VARIANTS = [
 # --- what each broker still holds unacknowledged --------------------------
 
 
-async def stream_pending(app: ModuleType, queue: str) -> dict[str, list[int]]:
+async def stream_pending(
+    app: ModuleType, queue: str, kind: str = "stream"
+) -> dict[str, list[int]]:
     """The Redis stream group's pending entries: item values per task name."""
-    client = redis.from_url(REDIS_URL)
+    client = stream_client(kind)
     try:
         entries = await client.xpending_range(queue, queue, "-", "+", 100_000)
         pending: dict[str, list[int]] = {}
@@ -106,8 +111,8 @@ async def stream_pending(app: ModuleType, queue: str) -> dict[str, list[int]]:
     return {name: sorted(values) for name, values in pending.items()}
 
 
-async def stream_pending_count(queue: str) -> int:
-    client = redis.from_url(REDIS_URL)
+async def stream_pending_count(queue: str, kind: str = "stream") -> int:
+    client = stream_client(kind)
     try:
         return int((await client.xpending(queue, queue))["pending"])
     finally:
@@ -266,8 +271,8 @@ async def test_each_ack_type_acks_what_it_promises(kind: str, receiver: str) -> 
         ):
             try:
                 read: Callable[[], Awaitable[int]] | None = None
-                if kind == "stream":
-                    read = functools.partial(stream_pending_count, queue)
+                if kind in STREAM_KINDS:
+                    read = functools.partial(stream_pending_count, queue, kind)
                 elif nats is not None:
                     read = nats.ack_pending
                 for variant in VARIANTS:
@@ -289,8 +294,8 @@ async def test_each_ack_type_acks_what_it_promises(kind: str, receiver: str) -> 
                             functools.partial(_minus, read, before), expected
                         )
                         live[variant.task] = after
-                if kind == "stream":
-                    final = await stream_pending(app, queue)
+                if kind in STREAM_KINDS:
+                    final = await stream_pending(app, queue, kind)
                 elif kind == "rabbitmq":
                     await asyncio.sleep(0.5)  # acks written just now reach RabbitMQ
                     final = await rabbitmq_requeued(app, queue, worker)

@@ -13,14 +13,14 @@ import uuid
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 from taskiq import AsyncTaskiqTask, BrokerMessage, TaskiqMessage
 from taskiq.exceptions import SendTaskError
 
 from batchtask import BatchArgumentError, BatchCallError, ItemValidationError
 from tests.workers import (
+    CLAIM_FLAGS,
     RECEIVER,
-    REDIS_URL,
+    STREAM_KINDS,
     app_env,
     kill,
     new_queue,
@@ -31,6 +31,7 @@ from tests.workers import (
     require_broker,
     serving,
     start_worker,
+    stream_client,
     until,
     wait_exit,
     wait_listening,
@@ -41,13 +42,17 @@ pytestmark = pytest.mark.workers
 """Real workers waiting on timers: ./scripts/test runs these in parallel."""
 
 KINDS = ["list", "stream", "rabbitmq", "nats"]
-ACKING = {"stream", "rabbitmq", "nats"}
+EXTRA = ["cluster", "sentinel"]
+"""Redis Cluster and Sentinel stream brokers: they never claim a dead
+consumer's entries themselves, so their crash test runs under BatchReceiver."""
+RECEIVERS = ("stock", "batchtask")
+ACKING = {"stream", "rabbitmq", "nats", *EXTRA}
 
 # Seconds before the broker hands an unacknowledged message to another
 # consumer: Redis stream idle_timeout, NATS ack_wait (RabbitMQ requeues when
 # the connection drops). Longer than any batch here is buffered while its
 # worker lives, so a healthy worker never sees its own messages redelivered.
-REDELIVER_AFTER = {"stream": "5", "nats": "10"}
+REDELIVER_AFTER = {"stream": "5", "nats": "10", "cluster": "5", "sentinel": "5"}
 
 
 async def kick_all(
@@ -65,6 +70,7 @@ async def kick_all(
     [
         *((kind, how, "stock") for kind in KINDS for how in ("TERM", "INT")),
         *((kind, "TERM", "batchtask") for kind in ("stream", "rabbitmq", "nats")),
+        *((kind, "TERM", receiver) for kind in EXTRA for receiver in RECEIVERS),
     ],
 )
 async def test_graceful_shutdown_runs_partial_batches_at_once(
@@ -105,7 +111,7 @@ async def test_graceful_shutdown_runs_partial_batches_at_once(
 @pytest.mark.parametrize(
     ("kind", "receiver"),
     [(kind, "stock") for kind in KINDS]
-    + [(kind, "batchtask") for kind in ["stream", "rabbitmq", "nats"]],
+    + [(kind, "batchtask") for kind in ["stream", "rabbitmq", "nats", *EXTRA]],
 )
 async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
     kind: str, receiver: str
@@ -133,7 +139,12 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
         if receiver == "stock":
             limits: tuple[str, ...] = ("--max-async-tasks", str(held_at_most))
         else:
-            limits = (*RECEIVER, "--receiver_arg", "max_buffered=150")
+            limits = (
+                *RECEIVER,
+                "--receiver_arg",
+                "max_buffered=150",
+                *CLAIM_FLAGS.get(kind, ()),
+            )
         first = start_worker(env, "--workers", "1", *limits)
     try:
         first_log = await wait_listening(first)
@@ -160,7 +171,11 @@ async def test_a_killed_worker_loses_no_buffered_item_on_acking_brokers(
                         env,
                         "--workers",
                         "1",
-                        *(RECEIVER if receiver != "stock" else ()),
+                        *(
+                            (*RECEIVER, *CLAIM_FLAGS.get(kind, ()))
+                            if receiver != "stock"
+                            else ()
+                        ),
                     )
                 try:
                     await wait_listening(second)
@@ -397,8 +412,8 @@ async def test_malformed_deliveries_are_logged_acked_and_never_stop_reading(
         results = [await t.wait_result(timeout=60) for t in good]
         await asyncio.sleep(1.0)
         log = worker_log(worker)
-        if kind == "stream":
-            client = redis.from_url(REDIS_URL)
+        if kind in STREAM_KINDS:
+            client = stream_client(kind)
             pending = (await client.xpending(queue, queue))["pending"]
             await client.aclose()
             assert pending == 0, "every bad delivery was acknowledged"

@@ -9,15 +9,13 @@ entry with one log line.
 
 import asyncio
 import time
-from typing import Any
 
 import pytest
 import redis.asyncio as redis
-from redis.asyncio.sentinel import Sentinel
 
 from tests.workers import (
+    CLAIM_FLAGS,
     RECEIVER,
-    REDIS_URL,
     app_env,
     kill,
     new_queue,
@@ -27,6 +25,7 @@ from tests.workers import (
     require_broker,
     serving,
     start_worker,
+    stream_client,
     until,
     wait_listening,
     worker_log,
@@ -43,19 +42,7 @@ FAMILIES = ["stream", "cluster", "sentinel"]
 
 def claims(kind: str) -> tuple[str, ...]:
     """BatchReceiver flags: the idle time, for brokers without one of their own."""
-    if kind == "stream":  # RedisStreamBroker(idle_timeout=...) from the app
-        return RECEIVER
-    return (*RECEIVER, "--receiver_arg", f"idle_timeout={IDLE_S * 1000}")
-
-
-async def stream_client(kind: str) -> Any:
-    """A client of the server the kind's stream is on."""
-    if kind == "cluster":
-        return redis.RedisCluster.from_url("redis://127.0.0.1:7001")
-    if kind == "sentinel":
-        sentinel = Sentinel([("127.0.0.1", 26379)])
-        return sentinel.master_for("batchtask")
-    return redis.from_url(REDIS_URL)
+    return (*RECEIVER, *CLAIM_FLAGS.get(kind, ()))
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -137,7 +124,7 @@ async def test_an_entry_without_a_data_field_is_acked_and_never_kills_a_worker(
         BATCHTASK_BATCH_TIMEOUT="0.3",
         BATCHTASK_REDELIVER_AFTER=str(IDLE_S),
     ) as (worker, app):
-        client = await stream_client(kind)
+        client = stream_client(kind)
         try:
             await client.xadd(queue, {"nodata": "1"})
             tasks = await app.double.kiq_many(range(20), "t")

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import redis.asyncio as redis
 
@@ -158,6 +159,25 @@ async def serving(
                 yield worker, app
     finally:
         kill(worker)
+
+
+STREAM_KINDS = ("stream", "cluster", "sentinel")
+"""The kinds whose queue is a Redis stream: on Redis, a Cluster, a Sentinel master."""
+
+CLAIM_FLAGS = {
+    "cluster": ("--receiver_arg", "idle_timeout=5000"),
+    "sentinel": ("--receiver_arg", "idle_timeout=5000"),
+}
+"""BatchReceiver flags for the stream brokers without an ``idle_timeout``."""
+
+
+def stream_client(kind: str) -> Any:
+    """A client of the server holding the `kind` stream's keys (close it)."""
+    if kind == "cluster":
+        return redis.RedisCluster.from_url("redis://127.0.0.1:7001")
+    if kind == "sentinel":
+        return redis.Sentinel([("127.0.0.1", 26379)]).master_for("batchtask")
+    return redis.from_url(REDIS_URL)
 
 
 async def remove_queue(app: ModuleType, queue: str) -> None:

@@ -13,7 +13,7 @@ from taskiq import AsyncBroker
 from taskiq.cli.worker.args import WorkerArgs
 
 from batchtask._config import BatchConfig
-from batchtask.brokers import adapter_for
+from batchtask.brokers import BrokerAdapter, adapter_for
 
 STOCK_RECEIVER_NOTE = (
     "batchtask: batch tasks run on taskiq's own receiver here (one task per "
@@ -29,11 +29,13 @@ def warnings(
     tasks: Mapping[str, BatchConfig],
     argv: list[str],
     max_buffered: int | None,
+    adapter: BrokerAdapter | None = None,
 ) -> Iterator[str]:
     """Every warning for `broker`'s batch `tasks` on a worker started by `argv`.
 
     `max_buffered` is what a `BatchReceiver` buffers without a slot (0: no
-    cap), None without one (then ``--max-async-tasks`` caps batches).
+    cap), None without one (then ``--max-async-tasks`` caps batches);
+    `adapter` the broker's, as the worker's receiver asked for it.
     """
     sizes = {name: config.batch_size for name, config in tasks.items()}
     timeouts = {name: config.batch_timeout for name, config in tasks.items()}
@@ -41,8 +43,8 @@ def warnings(
         capped_batch_warning(sizes, argv)
         if max_buffered is None
         else receiver_cap_warning(sizes, max_buffered),
-        prefetch_warning(broker, sizes),
-        redelivery_warning(broker, timeouts),
+        prefetch_warning(broker, sizes, adapter),
+        redelivery_warning(broker, timeouts, adapter),
     ):
         if warning:
             yield warning
@@ -87,14 +89,18 @@ def receiver_cap_warning(sizes: dict[str, int], max_buffered: int) -> str | None
     )
 
 
-def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
+def prefetch_warning(
+    broker: AsyncBroker,
+    sizes: dict[str, int],
+    adapter: BrokerAdapter | None = None,
+) -> str | None:
     """Say which batch sizes the broker's own prefetch limit makes unreachable.
 
     A broker may cap the unacknowledged messages one worker holds (the
     adapter's `unacked_cap`: taskiq-aio-pika's ``AioPikaBroker(qos=10)``), and
     a buffered item is unacknowledged until its batch ran.
     """
-    cap = adapter_for(broker).unacked_cap()
+    cap = (adapter or adapter_for(broker)).unacked_cap()
     if cap is None:
         return None
     capped = _capped(sizes, cap.limit)
@@ -109,7 +115,11 @@ def prefetch_warning(broker: AsyncBroker, sizes: dict[str, int]) -> str | None:
     )
 
 
-def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str | None:
+def redelivery_warning(
+    broker: AsyncBroker,
+    timeouts: dict[str, float],
+    adapter: BrokerAdapter | None = None,
+) -> str | None:
     """Say which tasks buffer items longer than the broker waits for an ack.
 
     A Redis stream (``idle_timeout``) or a NATS JetStream consumer
@@ -118,7 +128,7 @@ def redelivery_warning(broker: AsyncBroker, timeouts: dict[str, float]) -> str |
     stays unacknowledged for up to ``batch_timeout`` plus its call, so it
     would run twice.
     """
-    window = adapter_for(broker).redelivery_window()
+    window = (adapter or adapter_for(broker)).redelivery_window()
     if window is None:
         return None
     seconds, setting = window

@@ -38,7 +38,8 @@ from batchtask._batcher import (
     RunBatch,
 )
 from batchtask._config import BatchConfig
-from batchtask.brokers import adapter_for
+from batchtask.brokers import Options, adapter_for
+from batchtask.brokers._base import DEFAULTS
 
 logger = logging.getLogger("batchtask")
 
@@ -90,18 +91,28 @@ _receiver_limits: "weakref.WeakKeyDictionary[AsyncBroker, int]" = (
 )
 """Brokers served by a `BatchReceiver`: items it buffers without a slot (0: no cap)."""
 _native_brokers: "weakref.WeakSet[AsyncBroker]" = weakref.WeakSet()
+_receiver_options: "weakref.WeakKeyDictionary[AsyncBroker, Options]" = (
+    weakref.WeakKeyDictionary()
+)
+"""What each broker's `BatchReceiver` asked of its adapter (an idle time)."""
 """Brokers whose batch tasks take a `BatchReceiver`'s batch-native path."""
 
 
 def receiver_started(
-    broker: AsyncBroker, max_buffered: int | None, *, native: bool
+    broker: AsyncBroker,
+    max_buffered: int | None,
+    *,
+    native: bool,
+    options: Options = DEFAULTS,
 ) -> None:
     """Note that a `BatchReceiver` serves `broker`.
 
     `max_buffered` is how many items it buffers without a slot, 0 if the
     worker has no task limit at all, None if it cannot lift the cap; `native`
-    whether batch tasks take its batch-native path.
+    whether batch tasks take its batch-native path; `options` what it asked
+    of the broker's adapter (the start-up checks ask the same).
     """
+    _receiver_options[broker] = options
     if max_buffered is None:
         _receiver_limits.pop(broker, None)
     else:
@@ -197,7 +208,11 @@ def start_report(broker: AsyncBroker, argv: list[str]) -> tuple[list[str], str |
     """
     found = list(
         _checks.warnings(
-            broker, batch_tasks(broker), argv, _receiver_limits.get(broker)
+            broker,
+            batch_tasks(broker),
+            argv,
+            _receiver_limits.get(broker),
+            adapter_for(broker, _receiver_options.get(broker, DEFAULTS)),
         )
     )
     note = None if broker in _native_brokers else _checks.STOCK_RECEIVER_NOTE

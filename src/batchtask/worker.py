@@ -86,9 +86,8 @@ class BatchReceiver(Receiver):
         self.max_buffered = _count(max_buffered, "max_buffered")
         self.group_writes = _flag(group_writes, "group_writes")
         idle = None if idle_timeout is None else _count(idle_timeout, "idle_timeout")
-        self.adapter: BrokerAdapter = adapter_for(
-            broker, Options(group_acks=self.group_writes, idle_timeout_ms=idle or None)
-        )
+        options = Options(group_acks=self.group_writes, idle_timeout_ms=idle or None)
+        self.adapter: BrokerAdapter = adapter_for(broker, options)
         """What this receiver knows about its broker (`batchtask.brokers`)."""
         changed = _compat.receiver_changes(self)
         self.native: NativePath | None = None
@@ -110,7 +109,9 @@ class BatchReceiver(Receiver):
         limit: int | None = None  # the stock cap stays: its warning applies
         if self.native is not None and (self.sem is None or self.max_buffered):
             limit = 0 if self.sem is None else self.max_buffered
-        _lifecycle.receiver_started(broker, limit, native=self.native is not None)
+        _lifecycle.receiver_started(
+            broker, limit, native=self.native is not None, options=options
+        )
 
     @property
     def buffered(self) -> int:
