@@ -382,14 +382,17 @@ async def test_malformed_deliveries_are_logged_acked_and_never_stop_reading(
     kind: str,
 ) -> None:
     """Under BatchReceiver: a body that is not JSON, JSON without the task
-    fields, a task no worker knows, and a batch task's message whose arguments
-    do not bind each end on their own (logged, acknowledged; the batch task's
-    error stored under its task id), and the worker goes on serving."""
+    fields, a task no worker knows, a batch task's message whose arguments
+    do not bind, and one over ``max_message_bytes`` each end on their own
+    (logged, acknowledged; the batch task's error stored under its task id),
+    and the worker goes on serving."""
     require_broker(kind)
     queue = new_queue()
     async with serving(
         queue,
         *RECEIVER,
+        "--receiver_arg",
+        "max_message_bytes=100000",
         BATCHTASK_BROKER=kind,
         BATCHTASK_BATCH_SIZE="10",
         BATCHTASK_BATCH_TIMEOUT="0.3",
@@ -407,8 +410,10 @@ async def test_malformed_deliveries_are_logged_acked_and_never_stop_reading(
         )
         await app.broker.kick(app.broker.formatter.dumps(unknown))
         unbound = await _raw(app, args=[], kwargs={"colour": "red"})
+        oversized = await _raw(app, args=[1, "t"], kwargs={"pad": "x" * 200_000})
         good = await kick_all(app, range(20))
         unbound_result = await unbound.wait_result(timeout=60)
+        oversized_result = await oversized.wait_result(timeout=60)
         results = [await t.wait_result(timeout=60) for t in good]
         await asyncio.sleep(1.0)
         log = worker_log(worker)
@@ -419,6 +424,9 @@ async def test_malformed_deliveries_are_logged_acked_and_never_stop_reading(
             assert pending == 0, "every bad delivery was acknowledged"
     assert [r.return_value for r in results] == [2 * i for i in range(20)]
     assert unbound_result.is_err
+    assert oversized_result.is_err
+    assert "max_message_bytes=100000" in str(oversized_result.error)
+    assert log.count("is over max_message_bytes=100000") == 1
     assert log.count("Cannot parse message") == 2, "each bad body logged once"
     assert log.count('task "app:nobody" is not found') == 1
     assert "is dead" not in log, "the worker process never died"

@@ -19,6 +19,7 @@ from batchtask._errors import (
     BatchTaskError,
     ItemExpiredError,
     ItemValidationError,
+    MessageTooLargeError,
     PartialFailure,
     PoisonItemError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "FlushReason",
     "ItemExpiredError",
     "ItemValidationError",
+    "MessageTooLargeError",
     "PartialFailure",
     "PoisonItemError",
     "ResultsMode",

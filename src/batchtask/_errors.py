@@ -71,6 +71,13 @@ class PoisonItemError(BatchTaskError):
     """
 
 
+class MessageTooLargeError(BatchTaskError):
+    """A delivery was larger than the worker's ``max_message_bytes``.
+
+    It was not parsed; its message is acknowledged (`BatchReceiver` only).
+    """
+
+
 class BatchResultError(BatchTaskError):
     """A call's return value (or `PartialFailure`) does not fit its batch.
 

@@ -19,6 +19,11 @@ taskiq tasks keep taskiq's own path.
   slot until it ends, so the broker stops delivering and memory stays bounded.
 - ``--receiver_arg group_writes=false`` writes results and sends acks one
   message at a time, as taskiq does.
+- ``--receiver_arg max_message_bytes=N`` (default `DEFAULT_MAX_MESSAGE_BYTES`,
+  0: no limit): a delivery larger than that is not parsed; it is logged,
+  its error (`batchtask.MessageTooLargeError`) stored under its task id when
+  the message is a batch task's whose id can be read from its start, and it
+  is acknowledged.
 - ``--receiver_arg idle_timeout=MS``: for Redis stream brokers without an
   ``idle_timeout`` of their own (Cluster, Sentinel), the milliseconds after
   which an entry left unacknowledged by a dead consumer is claimed (default
@@ -35,18 +40,22 @@ own path, where batching works as on any worker.
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
 import anyio
-from taskiq import AckableMessage, AsyncBroker
+from taskiq import AckableMessage, AsyncBroker, TaskiqResult
+from taskiq.acks import AckController
 from taskiq.receiver import Receiver
 
 from batchtask import _compat, _lifecycle
-from batchtask._faults import transient
-from batchtask._grouping import GroupedResultBackend
+from batchtask._errors import MessageTooLargeError
+from batchtask._faults import retried, transient
+from batchtask._grouping import GroupedResultBackend, store_many
 from batchtask._native import NativePath
+from batchtask._task import batch_task_of
 from batchtask.brokers import BrokerAdapter, Options, adapter_for
 
 logger = logging.getLogger("batchtask")
@@ -56,6 +65,16 @@ RELISTEN_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 DEFAULT_MAX_BUFFERED = 10_000
 """Batch items a worker process holds without a delivery slot, by default."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+"""Bytes above which a delivery is refused unparsed, by default (64 MiB)."""
+
+_HEAD = 4096
+"""Bytes of a refused delivery searched for its task id and name."""
+_FIELD = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]{1,512})"')
+    for name in ("task_id", "task_name")
+}
 
 
 class BatchReceiver(Receiver):
@@ -75,16 +94,20 @@ class BatchReceiver(Receiver):
         max_buffered: int | str = DEFAULT_MAX_BUFFERED,
         group_writes: bool | str = True,
         idle_timeout: int | str | None = None,
+        max_message_bytes: int | str = DEFAULT_MAX_MESSAGE_BYTES,
         **kwargs: Any,
     ) -> None:
         """Take taskiq's receiver arguments, plus batchtask's own three.
 
-        `max_buffered`, `group_writes` and `idle_timeout` may each be a
-        string, as ``--receiver_arg`` passes them.
+        `max_buffered`, `group_writes`, `idle_timeout` and
+        `max_message_bytes` may each be a string, as ``--receiver_arg``
+        passes them.
         """
         super().__init__(broker, executor, *args, **kwargs)
         self.max_buffered = _count(max_buffered, "max_buffered")
         self.group_writes = _flag(group_writes, "group_writes")
+        self.max_message_bytes = _count(max_message_bytes, "max_message_bytes")
+        self._refusals: set[asyncio.Task[None]] = set()
         idle = None if idle_timeout is None else _count(idle_timeout, "idle_timeout")
         options = Options(group_acks=self.group_writes, idle_timeout_ms=idle or None)
         self.adapter: BrokerAdapter = adapter_for(broker, options)
@@ -159,6 +182,8 @@ class BatchReceiver(Receiver):
             with anyio.CancelScope(shield=True):
                 await _stop(reading)
                 await asyncio.gather(reading, finishing, return_exceptions=True)
+                if self._refusals:
+                    await asyncio.wait(set(self._refusals))
                 native.close()  # nothing more arrives: run what is buffered now
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
@@ -237,10 +262,68 @@ class BatchReceiver(Receiver):
     ) -> None:
         """One delivery: to the batch-native path, or to taskiq's runner."""
         self.adapter.noted(data)
+        raw = data.data if isinstance(data, AckableMessage) else data
+        if self.max_message_bytes and len(raw) > self.max_message_bytes:
+            task = asyncio.ensure_future(self._refuse(data, raw))
+            self._refusals.add(task)
+            task.add_done_callback(self._refusals.discard)
+            return
         if not native.take(data, owns_delivery_slot=True):
             if isinstance(data, AckableMessage):
                 data = self.adapter.stock_message(data)
             queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
+
+    async def _refuse(self, data: bytes | AckableMessage, raw: bytes) -> None:
+        """A delivery over `max_message_bytes`: its error stored, then acked."""
+        try:
+            head = raw[:_HEAD]
+            found = {
+                name: match.group(1).decode(errors="replace")
+                for name, pattern in _FIELD.items()
+                if (match := pattern.search(head)) is not None
+            }
+            task_id, name = found.get("task_id"), found.get("task_name")
+            logger.error(
+                "batchtask: a delivery of %d bytes (task %s, id %s) is over "
+                "max_message_bytes=%d; not parsed, acknowledged",
+                len(raw),
+                name or "unknown",
+                task_id or "unknown",
+                self.max_message_bytes,
+            )
+            found_task = None if name is None else self.broker.find_task(name)
+            if (
+                task_id is not None
+                and found_task is not None
+                and batch_task_of(found_task.original_func) is not None
+            ):
+                await self._store_refusal(task_id, found_task.task_name, len(raw))
+            if isinstance(data, AckableMessage):
+                await retried(
+                    "acknowledging",
+                    [AckController(data.ack)],
+                    lambda due: self.adapter.ack_many([(c, data.ack) for c in due]),
+                    lambda _: task_id or "unknown",
+                )
+        finally:
+            self.sem_prefetch.release()
+
+    async def _store_refusal(self, task_id: str, name: str, size: int) -> None:
+        error = MessageTooLargeError(
+            message=f"batch task {name!r}: message {task_id} is {size} bytes, over "
+            f"the worker's max_message_bytes={self.max_message_bytes}; not run "
+            f"(--receiver_arg max_message_bytes=N raises the limit)"
+        )
+        result: TaskiqResult[Any] = TaskiqResult(
+            is_err=True, log=None, return_value=None, execution_time=0.0, error=error
+        )
+        backend = self.broker.result_backend
+        await retried(
+            "storing results",
+            [(task_id, result)],
+            lambda due: store_many(backend, list(due)),
+            lambda pair: pair[0],
+        )
 
     async def callback(
         self, message: bytes | AckableMessage, raise_err: bool = False
