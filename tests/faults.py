@@ -12,17 +12,28 @@ connections go to the server directly, so a fault hits the worker only.
 - `Proxy.refuse(seconds)` closes every connection and refuses new ones for a
   while: the server is unreachable, then back.
 
+Where no proxy can stand between a worker and its servers (a Redis Cluster
+announces its nodes' own addresses, a Sentinel the master's), `kill_clients`
+drops the worker's connections from the server side instead: ``CLIENT KILL
+ID`` for each connection ``CLIENT LIST`` shows whose two ends are a socket of
+the worker's processes (from ``/proc``). Other clients of those servers (the
+test's own, other tests' workers) keep theirs.
+
 `OwnRedis` is a redis-server of the test's own (stopped and started by pid),
 for a test that restarts its server or counts the commands it received.
 """
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+import redis.asyncio as redis
 
 from tests.conftest import server_answers
 from tests.workers import until
@@ -185,3 +196,78 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+Pair = tuple[str, str]
+"""A TCP connection as (client ``host:port``, server ``host:port``)."""
+
+
+def connections_of(pgid: int) -> set[Pair]:
+    """The IPv4 TCP connections open in the processes of process group `pgid`
+    (a ``taskiq worker`` started in its own session and its worker processes),
+    each as seen from its own end: (its address, the peer's)."""
+    inodes: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # state, ppid, pgrp
+                continue
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:[") : -1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    pairs: set[Pair] = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        columns = row.split()
+        if columns[9] in inodes:
+            pairs.add((_address(columns[1]), _address(columns[2])))
+    return pairs
+
+
+def _address(hexed: str) -> str:
+    """``0100007F:1B59`` (/proc/net/tcp) as ``127.0.0.1:7001``."""
+    host, port = hexed.split(":")
+    octets = bytes.fromhex(host)[::-1]
+    return f"{'.'.join(map(str, octets))}:{int(port, 16)}"
+
+
+async def kill_clients(pgid: int, ports: Iterable[int]) -> dict[int, int]:
+    """Kill, on the Redis servers at 127.0.0.1:`ports`, every connection of
+    the processes of group `pgid` (``CLIENT KILL ID``); how many on each port.
+
+    The connections are listed on every server first, then killed on all of
+    them at once: the worker loses them together, as with `Proxy.drop`.
+    """
+    ports = tuple(ports)
+    ours = connections_of(pgid)
+    clients = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
+    try:
+        listed = await asyncio.gather(*(client.client_list() for client in clients))
+        doomed = [
+            [
+                entry["id"]
+                for entry in entries
+                if (entry["addr"], entry.get("laddr", "")) in ours
+            ]
+            for entries in listed
+        ]
+
+        async def kill(client: redis.Redis, ids: list[str]) -> int:
+            killed = 0
+            for id_ in ids:
+                with contextlib.suppress(redis.ResponseError):  # gone meanwhile
+                    reply = await client.execute_command("CLIENT", "KILL", "ID", id_)
+                    killed += int(reply)
+            return killed
+
+        counts = await asyncio.gather(
+            *(kill(client, ids) for client, ids in zip(clients, doomed, strict=True))
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+    return dict(zip(ports, counts, strict=True))
