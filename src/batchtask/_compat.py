@@ -24,6 +24,8 @@ RECEIVER_ATTRIBUTES = (
     "dependency_graphs",
     "propagate_exceptions",
     "wait_tasks_timeout",
+    "known_tasks",
+    "_prepare_task",
 )
 """Attributes of a taskiq ``Receiver`` the batch-native path reads (undocumented)."""
 
@@ -33,6 +35,8 @@ PRIVATE_NAMES = (
     "taskiq.receiver.receiver._PrefetchedMessage(data, owns_delivery_slot): "
     "a delivery on that queue",
     "taskiq.receiver.receiver._QueueSignal.DONE: the end of deliveries",
+    "taskiq.receiver.Receiver._prepare_task(name, handler) and known_tasks: a "
+    "task's signature, hints and dependency graph, made before its first run",
 )
 """What batchtask uses that taskiq does not document, for the record. What it
 uses of each broker package is its adapter's ``private_names``
@@ -73,6 +77,17 @@ def delivery(data: Any, *, owns_delivery_slot: bool) -> Any:
         data=data, owns_delivery_slot=owns_delivery_slot
     )
     return made
+
+
+def prepare_task(receiver: Any, name: str, handler: Any) -> None:
+    """Make `receiver` know task `name` as taskiq's receiver does before its first run.
+
+    A receiver learns the broker's tasks when it is made; a task registered
+    later (any task of an in-process broker, whose receiver is made with the
+    broker) is prepared on its first message.
+    """
+    if name not in receiver.known_tasks:
+        receiver._prepare_task(name, handler)
 
 
 def _end_of_deliveries() -> Any:

@@ -67,7 +67,7 @@ from taskiq.formatters.proxy_formatter import ProxyFormatter
 from taskiq.receiver.params_parser import parse_params
 from taskiq.serializers import JSONSerializer
 
-from batchtask import _lifecycle, _spans
+from batchtask import _compat, _lifecycle, _spans
 from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
@@ -217,6 +217,8 @@ class NativePath:
         task = None if found is None else batch_task_of(found.original_func)
         if task is None:
             return False
+        assert found is not None
+        _compat.prepare_task(self.receiver, message.task_name, found.original_func)
         self.taken += 1
         ack = data.ack if isinstance(data, AckableMessage) else None
         item = NativeItem(
