@@ -85,7 +85,7 @@ from batchtask._shaping import (
 )
 from batchtask._suspects import POISON, Gate, cap, mark
 from batchtask._task import BatchTask, batch_task_of, report
-from batchtask.brokers import BrokerAdapter
+from batchtask.brokers import BrokerAdapter, serve_in_process
 from batchtask.brokers._base import RawAck
 
 if TYPE_CHECKING:
@@ -142,17 +142,21 @@ class NativePath:
         *,
         max_buffered: int,
         adapter: BrokerAdapter,
+        with_dependencies: bool = True,
     ) -> None:
         """Serve `receiver`'s broker; up to `max_buffered` items wait slot-free.
 
         What a delivery is, and how a batch's acks go (one ``XACK`` on a Redis
         stream, ``multiple=True`` on AMQP, one buffer flush on NATS), is the
         broker `adapter`'s to say; a batch's results go together wherever the
-        broker's result backend is a `GroupedResultBackend`.
+        broker's result backend is a `GroupedResultBackend`. Without
+        `with_dependencies`, a batch task with injected dependencies is left
+        to taskiq (which resolves them per message; this path once per call).
         """
         self.receiver = receiver
         self.broker: AsyncBroker = receiver.broker
         self.max_buffered = max_buffered
+        self.with_dependencies = with_dependencies
         self.unslotted = 0
         """Items waiting now whose delivery slot went back at once."""
         self.taken = 0
@@ -173,6 +177,9 @@ class NativePath:
         """Where fault events are counted (`batchtask.metrics`), if anywhere."""
         self._own_contexts = False
         """Whether each message gets its own context (`_intake`)."""
+        self.ended: Callable[[str], None] | None = None
+        """Told the task id of each taken message as it ends (an in-process
+        broker's ``wait_all`` waits for its kicks so: `batchtask.brokers`)."""
 
     def start(self) -> None:
         """Read the broker's tasks and middlewares as they are when listening starts."""
@@ -215,7 +222,7 @@ class NativePath:
             return False  # taskiq's path reports and acks it
         found = self.broker.find_task(message.task_name)
         task = None if found is None else batch_task_of(found.original_func)
-        if task is None:
+        if task is None or (task.signature.injected and not self.with_dependencies):
             return False
         assert found is not None
         _compat.prepare_task(self.receiver, message.task_name, found.original_func)
@@ -828,6 +835,8 @@ class NativePath:
         if item.done:
             return
         item.done = True
+        if self.ended is not None:
+            self.ended(item.message.task_id)
         held = self.redeliveries.held
         if held.get(item.message.task_id) is item:
             del held[item.message.task_id]
@@ -997,3 +1006,19 @@ def _name_filter(broker: AsyncBroker) -> tuple[bytes, ...] | None:
             return None
         names.append(f'"{name}"'.encode())
     return tuple(names)
+
+
+def in_process_path(receiver: "Receiver", adapter: BrokerAdapter) -> NativePath:
+    """The batch-native path of an in-process broker's own receiver.
+
+    Its messages are kicked, not read: none holds a delivery slot, so nothing
+    caps how many wait (as nothing caps the tasks taskiq's path starts there).
+    A batch task with injected dependencies stays on taskiq's path, where
+    tests written against an in-process broker see them resolved per message.
+    """
+    return NativePath(
+        receiver, max_buffered=1 << 62, adapter=adapter, with_dependencies=False
+    )
+
+
+serve_in_process(in_process_path)

@@ -33,6 +33,8 @@ from taskiq import AsyncBroker, AsyncResultBackend
 from batchtask.brokers._base import (
     DEFAULTS,
     BrokerAdapter,
+    LocalPath,
+    NewLocalPath,
     Options,
     PerMessage,
     ResultWriter,
@@ -101,6 +103,25 @@ def families() -> dict[str, type[BrokerAdapter]]:
     return found
 
 
+_local_paths: list[NewLocalPath] = []
+
+
+def serve_in_process(new_path: NewLocalPath) -> None:
+    """Let in-process brokers' adapters hand batch tasks' kicks to `new_path`'s paths.
+
+    The core's batch-native path calls this as it is imported (which
+    ``import batchtask`` does); an adapter then makes one with `local_path`.
+    """
+    _local_paths[:] = [new_path]
+
+
+def local_path(receiver: Any, adapter: BrokerAdapter) -> LocalPath | None:
+    """A batch-native path for `receiver` (None before the core provided one)."""
+    if not _local_paths:
+        return None
+    return _local_paths[0](receiver, adapter)
+
+
 def _load(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(f"batchtask.brokers.{module}"), name)
@@ -110,10 +131,14 @@ __all__ = [
     "ADAPTERS",
     "WRITERS",
     "BrokerAdapter",
+    "LocalPath",
+    "NewLocalPath",
     "Options",
     "PerMessage",
     "UnackedCap",
     "adapter_for",
     "families",
+    "local_path",
+    "serve_in_process",
     "writer_for",
 ]

@@ -37,6 +37,39 @@ CONCURRENT_KICKS = 100
 """Kicks in flight at once for a broker without a pipelined path."""
 
 
+class LocalPath(Protocol):
+    """The batch-native path as an in-process broker's kicks feed it.
+
+    `batchtask._native.NativePath` is one; the core hands the adapters the way
+    to make one (`batchtask.brokers.serve_in_process`), since the adapters
+    import nothing above them.
+    """
+
+    ended: Callable[[str], None] | None
+    """Told the task id of each taken message as it ends."""
+
+    def start(self) -> None:
+        """Read the broker's batch tasks and middlewares (again)."""
+        ...
+
+    def take(self, data: bytes | AckableMessage, owns_delivery_slot: bool) -> bool:
+        """Take a batch task's message; False leaves it to taskiq."""
+        ...
+
+    def close(self) -> None:
+        """Run every buffered batch now."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every taken message has ended."""
+        ...
+
+
+NewLocalPath = Callable[[Any, "BrokerAdapter"], LocalPath]
+"""Makes the batch-native path of a taskiq ``Receiver`` (the broker's own), whose
+deliveries are acked through the adapter given."""
+
+
 class UnackedCap(NamedTuple):
     """A broker's cap on the messages one consumer holds unacknowledged."""
 
