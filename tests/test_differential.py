@@ -515,13 +515,8 @@ SCENARIOS = [
 ]
 
 
-async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
-    log: Log = {}
-    broker = AckingBroker(log)
-    broker.with_result_backend(scenario.backend(log))
-    broker.add_middlewares(*scenario.middlewares(), Recorder(log))
-    task = scenario.define(broker)
-    await broker.startup()
+async def kick_items(broker: AsyncBroker, task: Any, scenario: Scenario) -> None:
+    """Send the scenario's items as messages m0, m1, ... (the same on every run)."""
     for index, item in enumerate(scenario.items):
         kicker = task.kicker().with_task_id(f"m{index}")
         labels = {
@@ -546,6 +541,21 @@ async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
             )
         else:
             await kicker.kiq(item)
+
+
+def stored(log: Log) -> int:
+    """Results the scenario's backend stored so far."""
+    return sum(1 for events in log.values() for e in events if e[0] == "stored")
+
+
+async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
+    log: Log = {}
+    broker = AckingBroker(log)
+    broker.with_result_backend(scenario.backend(log))
+    broker.add_middlewares(*scenario.middlewares(), Recorder(log))
+    task = scenario.define(broker)
+    await broker.startup()
+    await kick_items(broker, task, scenario)
     receiver = receiver_class(
         broker, max_async_tasks=100, run_startup=False, **_receiver_args(receiver_class)
     )
@@ -554,10 +564,7 @@ async def run(scenario: Scenario, receiver_class: type[Receiver]) -> Log:
     expected = scenario.expect_stored or len(scenario.items)
 
     async def stored_all() -> None:
-        while (
-            sum(1 for events in log.values() for e in events if e[0] == "stored")
-            < expected
-        ):
+        while stored(log) < expected:
             await asyncio.sleep(0.01)
 
     if scenario.shutdown:
