@@ -62,3 +62,15 @@ async def test_on_a_changed_taskiq_batches_run_on_taskiqs_own_path(
     assert [r.return_value for r in results] == [2 * i for i in range(10)]
     assert sorted(v for call in calls for v in call) == list(range(10))
     assert all(("ack",) in events for events in log.values()), "every message acked"
+
+
+def test_a_successful_result_is_built_as_pydantic_builds_it() -> None:
+    from batchtask import _native
+
+    assert _native._success is _native._set_success, "the direct build is in use"
+    direct = _native._set_success([1], 0.25, {"a": "1"})
+    built = _native._constructed_success([1], 0.25, {"a": "1"})
+    assert direct == built
+    assert direct.model_dump() == built.model_dump()
+    assert direct.model_fields_set == built.model_fields_set
+    assert direct.model_dump_json() == built.model_dump_json()
