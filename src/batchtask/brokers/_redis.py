@@ -152,10 +152,10 @@ class StreamFamily(PerMessage):
                 )
                 for stream, entries in fetched or ():
                     for entry, fields in entries:
-                        read = await self._message(
-                            client, stream, entry, fields, claimed=False
-                        )
-                        if read is not None:
+                        read = self._message(stream, entry, fields, claimed=False)
+                        if read is None:
+                            await self._drop(client, stream, entry, fields)
+                        else:
                             yield read
 
     async def _claim(self, client: Any, stream: Any) -> AsyncIterator[AckableMessage]:
@@ -181,25 +181,31 @@ class StreamFamily(PerMessage):
                     self.idle_ms,
                 )
             for entry, fields in entries:
-                message = await self._message(
-                    client, stream, entry, fields, claimed=True
-                )
-                if message is not None:
+                message = self._message(stream, entry, fields, claimed=True)
+                if message is None:
+                    await self._drop(client, stream, entry, fields)
+                else:
                     yield message
             if _text(cursor) == "0-0" or not entries:
                 return
 
-    async def _message(
-        self, client: Any, stream: Any, entry: Any, fields: object, *, claimed: bool
+    def _message(
+        self, stream: Any, entry: Any, fields: object, *, claimed: bool
     ) -> AckableMessage | None:
+        """The delivery of one entry; None if it has no ``data`` (`_drop` it)."""
+        if isinstance(fields, dict):
+            data = cast("dict[object, object]", fields).get(b"data")
+            if isinstance(data, bytes):
+                return AckableMessage.model_construct(
+                    data=data, ack=StreamAck(self, stream, entry, claimed=claimed)
+                )
+        return None
+
+    async def _drop(self, client: Any, stream: Any, entry: Any, fields: object) -> None:
+        """Log and acknowledge an entry that is not a taskiq message."""
         found: dict[object, object] | None = (
             cast("dict[object, object]", fields) if isinstance(fields, dict) else None
         )
-        data = None if found is None else found.get(b"data")
-        if isinstance(data, bytes):
-            return AckableMessage.model_construct(
-                data=data, ack=StreamAck(self, stream, entry, claimed=claimed)
-            )
         self.malformed += 1
         keys = None if found is None else sorted(_text(key) for key in found)
         logger.error(
@@ -218,7 +224,6 @@ class StreamFamily(PerMessage):
                 _text(entry),
                 exc_info=True,
             )
-        return None
 
     def redelivered(self, data: Delivery) -> bool | None:
         """Whether `data` was delivered before: claimed entries were.
