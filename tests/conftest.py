@@ -1,7 +1,10 @@
 import asyncio
+import fcntl
 import os
 import socket
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +29,36 @@ def require_server(name: str, port: int) -> None:
     if IN_CI:
         pytest.fail(f"{reason}; CI must run every server test", pytrace=False)
     pytest.skip(reason)
+
+
+SENTINEL_LOCK = Path(tempfile.gettempdir()) / "batchtask-tests-sentinel.lock"
+"""Held shared by every test on the Sentinel's master, exclusively by a test
+that moves it (``@pytest.mark.moves_sentinel_master``)."""
+
+
+@pytest.fixture(autouse=True)
+def one_sentinel_master(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Keep a ``SENTINEL FAILOVER`` away from the other tests of that master.
+
+    The workers stage runs in 4 processes; a failover run beside another
+    sentinel test would lose that test's writes made in the failover's
+    window (Redis replicates asynchronously) and send its connection kills
+    to the old master. A file lock (``flock``) orders them across processes.
+    """
+    node = request.node
+    if node.get_closest_marker("moves_sentinel_master") is not None:
+        mode = fcntl.LOCK_EX
+    elif "sentinel" in node.name:
+        mode = fcntl.LOCK_SH
+    else:
+        yield
+        return
+    with SENTINEL_LOCK.open("a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture

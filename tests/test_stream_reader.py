@@ -163,6 +163,7 @@ async def test_a_burst_on_redis_cluster_writes_every_result_without_a_failure() 
     assert "Can't set result" not in log
 
 
+@pytest.mark.moves_sentinel_master
 async def test_a_sentinel_failover_with_items_buffered_loses_none() -> None:
     """``SENTINEL FAILOVER`` while a worker holds 300 buffered items: the worker
     listens again on the new master and every item gets its result."""

@@ -91,11 +91,11 @@ _receiver_limits: "weakref.WeakKeyDictionary[AsyncBroker, int]" = (
 )
 """Brokers served by a `BatchReceiver`: items it buffers without a slot (0: no cap)."""
 _native_brokers: "weakref.WeakSet[AsyncBroker]" = weakref.WeakSet()
+"""Brokers whose batch tasks take a `BatchReceiver`'s batch-native path."""
 _receiver_options: "weakref.WeakKeyDictionary[AsyncBroker, Options]" = (
     weakref.WeakKeyDictionary()
 )
 """What each broker's `BatchReceiver` asked of its adapter (an idle time)."""
-"""Brokers whose batch tasks take a `BatchReceiver`'s batch-native path."""
 
 
 def receiver_started(

@@ -82,8 +82,9 @@ class BatchReceiver(Receiver):
 
     Pass it to the worker with ``--receiver batchtask:BatchReceiver``; its
     own settings come as ``--receiver_arg max_buffered=N``,
-    ``--receiver_arg group_writes=false`` and ``--receiver_arg
-    idle_timeout=MS``. See the module documentation.
+    ``--receiver_arg group_writes=false``, ``--receiver_arg
+    max_message_bytes=N`` and ``--receiver_arg idle_timeout=MS``. See the
+    module documentation.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class BatchReceiver(Receiver):
         max_message_bytes: int | str = DEFAULT_MAX_MESSAGE_BYTES,
         **kwargs: Any,
     ) -> None:
-        """Take taskiq's receiver arguments, plus batchtask's own three.
+        """Take taskiq's receiver arguments, plus batchtask's own four.
 
         `max_buffered`, `group_writes`, `idle_timeout` and
         `max_message_bytes` may each be a string, as ``--receiver_arg``
@@ -269,8 +270,7 @@ class BatchReceiver(Receiver):
             task.add_done_callback(self._refusals.discard)
             return
         if not native.take(data, owns_delivery_slot=True):
-            if isinstance(data, AckableMessage):
-                data = self.adapter.stock_message(data)
+            # `callback` hands its ack to the adapter (`stock_message`).
             queue.put_nowait(_compat.delivery(data, owns_delivery_slot=True))
 
     async def _refuse(self, data: bytes | AckableMessage, raw: bytes) -> None:

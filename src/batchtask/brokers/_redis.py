@@ -112,11 +112,19 @@ class StreamFamily(PerMessage):
         raise NotImplementedError
 
     @property
+    def own_idle_ms(self) -> int | float | None:
+        """The broker's own ``idle_timeout`` (ms), if it has one."""
+        own = getattr(self.broker, "idle_timeout", None)
+        if isinstance(own, (int, float)) and not isinstance(own, bool):
+            return own
+        return None
+
+    @property
     def idle_ms(self) -> int:
         """Milliseconds an entry stays unacknowledged before it is claimed."""
-        own = getattr(self.broker, "idle_timeout", None)
-        if isinstance(own, int) and not isinstance(own, bool):
-            return own
+        own = self.own_idle_ms
+        if own is not None:
+            return int(own)
         return self.options.idle_timeout_ms or DEFAULT_IDLE_MS
 
     def streams(self) -> dict[Any, Any]:
@@ -151,12 +159,10 @@ class StreamFamily(PerMessage):
                     group, consumer, self.streams(), block=wait, count=count
                 )
                 for stream, entries in fetched or ():
-                    for entry, fields in entries:
-                        read = self._message(stream, entry, fields, claimed=False)
-                        if read is None:
-                            await self._drop(client, stream, entry, fields)
-                        else:
-                            yield read
+                    async for message in self._messages(
+                        client, stream, entries, claimed=False
+                    ):
+                        yield message
 
     async def _claim(self, client: Any, stream: Any) -> AsyncIterator[AckableMessage]:
         """Claim `stream`'s entries idle for `idle_ms`, all of them, in rounds."""
@@ -180,26 +186,28 @@ class StreamFamily(PerMessage):
                     _text(stream),
                     self.idle_ms,
                 )
-            for entry, fields in entries:
-                message = self._message(stream, entry, fields, claimed=True)
-                if message is None:
-                    await self._drop(client, stream, entry, fields)
-                else:
-                    yield message
+            async for message in self._messages(client, stream, entries, claimed=True):
+                yield message
             if _text(cursor) == "0-0" or not entries:
                 return
 
-    def _message(
-        self, stream: Any, entry: Any, fields: object, *, claimed: bool
-    ) -> AckableMessage | None:
-        """The delivery of one entry; None if it has no ``data`` (`_drop` it)."""
-        if isinstance(fields, dict):
-            data = cast("dict[object, object]", fields).get(b"data")
-            if isinstance(data, bytes):
-                return AckableMessage.model_construct(
+    async def _messages(
+        self, client: Any, stream: Any, entries: Any, *, claimed: bool
+    ) -> AsyncIterator[AckableMessage]:
+        """The deliveries of a read's (or a claim's) entries; the bad ones dropped.
+
+        Only an entry without ``data`` is awaited (`_drop`): the others cost
+        no coroutine each.
+        """
+        pairs = cast("list[tuple[Any, object]]", entries)
+        for entry, fields in pairs:
+            data = _data_of(fields)
+            if data is not None:
+                yield AckableMessage.model_construct(
                     data=data, ack=StreamAck(self, stream, entry, claimed=claimed)
                 )
-        return None
+            else:
+                await self._drop(client, stream, entry, fields)
 
     async def _drop(self, client: Any, stream: Any, entry: Any, fields: object) -> None:
         """Log and acknowledge an entry that is not a taskiq message."""
@@ -430,8 +438,8 @@ class StreamFamily(PerMessage):
 
     def redelivery_window(self) -> tuple[float, str] | None:
         """The idle time after which an unacknowledged entry is claimed."""
-        own = getattr(self.broker, "idle_timeout", None)
-        if isinstance(own, (int, float)) and not isinstance(own, bool):
+        own = self.own_idle_ms
+        if own is not None:
             return own / 1000, f"{type(self.broker).__name__}(idle_timeout={own:g})"
         idle = self.idle_ms
         return idle / 1000, f"BatchReceiver(idle_timeout={idle})"
@@ -454,6 +462,15 @@ def _times_delivered(reply: object) -> int:
             if isinstance(count, int):
                 return count
     return 2
+
+
+def _data_of(fields: object) -> bytes | None:
+    """An entry's ``data`` field, if it has one (a taskiq message's bytes)."""
+    if isinstance(fields, dict):
+        data = cast("dict[object, object]", fields).get(b"data")
+        if isinstance(data, bytes):
+            return data
+    return None
 
 
 def _text(value: object) -> str:
