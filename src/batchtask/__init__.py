@@ -17,13 +17,16 @@ from batchtask._errors import (
     BatchConfigError,
     BatchResultError,
     BatchTaskError,
+    CallTimeoutError,
     ItemExpiredError,
     ItemValidationError,
     MessageTooLargeError,
     PartialFailure,
     PoisonItemError,
+    Retry,
 )
 from batchtask._lifecycle import flush_all
+from batchtask._retries import DeadLetter
 from batchtask._task import BatchKicker, BatchTask, batch_task
 from batchtask.worker import BatchReceiver
 
@@ -42,6 +45,8 @@ __all__ = [
     "BatchSettings",
     "BatchTask",
     "BatchTaskError",
+    "CallTimeoutError",
+    "DeadLetter",
     "FlushReason",
     "ItemExpiredError",
     "ItemValidationError",
@@ -49,6 +54,7 @@ __all__ = [
     "PartialFailure",
     "PoisonItemError",
     "ResultsMode",
+    "Retry",
     "__version__",
     "batch_task",
     "flush_all",

@@ -28,6 +28,11 @@ class BatchSettings(TypedDict, Generic[ItemT], total=False):
     max_item_age: float | None
     dedup_key: Callable[[ItemT], Hashable] | None
     adaptive: bool
+    max_attempts: int | None
+    retry_delay: float
+    call_timeout: float | None
+    group_by: Callable[[ItemT], Hashable] | None
+    dead_letter: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,15 @@ class BatchConfig:
       called fails with `ItemExpiredError` instead of being passed.
     - `dedup_key`: items of one call with equal keys are passed once.
     - `adaptive`: call a batch early when its arrivals say it will not fill.
+    - `max_attempts`: calls an item is passed to at most; a failed item is
+      sent again until then (None: a failure is final, as without retries).
+    - `retry_delay`: seconds a retried item waits before it joins a batch
+      again (a `Retry`'s own delay wins).
+    - `call_timeout`: seconds a call may run before its items fail with
+      `CallTimeoutError`.
+    - `group_by`: items with different ``group_by(item)`` never share a call.
+    - `dead_letter`: a taskiq task of one `DeadLetter`, sent each item whose
+      failure is final.
     """
 
     batch_size: int
@@ -67,6 +81,11 @@ class BatchConfig:
     max_item_age: float | None = None
     dedup_key: Callable[[Any], Hashable] | None = None
     adaptive: bool = False
+    max_attempts: int | None = None
+    retry_delay: float = 0.0
+    call_timeout: float | None = None
+    group_by: Callable[[Any], Hashable] | None = None
+    dead_letter: Any = None
 
     @classmethod
     def checked(cls, *, task: str | None, **settings: object) -> "BatchConfig":
@@ -229,6 +248,38 @@ def _function_check(problem: str, example: str) -> Check:
     return check
 
 
+def _delay_check(task: str | None, name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise _bad(
+            task,
+            name,
+            value,
+            "must be a finite number of seconds >= 0; a retried item waits "
+            "this long before it joins a batch again",
+            "pass e.g. retry_delay=30.0, or 0 to retry in the next batch",
+        )
+    return float(value)
+
+
+def _task_check(task: str | None, name: str, value: object) -> object:
+    if value is not None and not callable(getattr(value, "kiq", None)):
+        raise _bad(
+            task,
+            name,
+            value,
+            "must be a taskiq task (anything with .kiq) that takes one "
+            "batchtask.DeadLetter",
+            "declare e.g. @broker.task async def dead(letter: DeadLetter) -> None "
+            "and pass dead_letter=dead",
+        )
+    return value
+
+
 def _flag_check(example: str) -> Check:
     def check(task: str | None, name: str, value: object) -> bool:
         if not isinstance(value, bool):
@@ -304,6 +355,22 @@ _CHECKS: dict[str, Check] = {
     "adaptive": _flag_check(
         "pass adaptive=True to call batches early when they will not fill"
     ),
+    "max_attempts": _count_check(
+        "the most calls one item is passed to before its failure is final",
+        "pass e.g. max_attempts=5, or None for no retries",
+        optional=True,
+    ),
+    "retry_delay": _delay_check,
+    "call_timeout": _number_check(
+        "a call running longer is cancelled and its items fail",
+        "pass e.g. call_timeout=30.0, or None for no limit",
+        optional=True,
+    ),
+    "group_by": _function_check(
+        "returning a hashable key: items with different keys never share a call",
+        "pass e.g. group_by=lambda row: row.tenant",
+    ),
+    "dead_letter": _task_check,
 }
 SETTINGS: tuple[str, ...] = tuple(_CHECKS)
 """Every setting's name, in the decorator's order."""

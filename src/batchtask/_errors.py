@@ -4,6 +4,7 @@ Every message says what was wrong, with which value, and how to fix it.
 The errors are taskiq errors, so code that catches `TaskiqError` sees them too.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -92,6 +93,59 @@ class BatchCallError(BatchTaskError):
     function) is the `__cause__`; items carry this error instead, so taskiq
     does not mistake it for cancelling the worker.
     """
+
+
+class CallTimeoutError(BatchTaskError, TimeoutError):
+    """A call ran longer than the task's ``call_timeout``.
+
+    An async function's call is cancelled; a sync function's thread is left
+    to finish and its outcome ignored. Every item of that call fails with
+    this error (and is retried under ``max_attempts``).
+    """
+
+
+class Retry(Exception):
+    """Raise from a batch function to send items again, after `delay` seconds.
+
+    Raised by the function it retries every item of the call; as a value in
+    `PartialFailure` (``PartialFailure({3: Retry(delay=30.0)}, results=...)``)
+    it retries that item. A retried item is sent again under its task id,
+    its attempt counted, and joins a later batch no earlier than `delay`
+    seconds later (``None``: the task's ``retry_delay``). Raise it ``from``
+    the error that caused it: that error is what a final failure stores.
+
+    Without ``max_attempts`` on the task, an item is retried this way up to
+    `RETRY_LIMIT` attempts in all; with it, up to ``max_attempts``.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        """Retry after `delay` seconds (a finite number >= 0, or None)."""
+        # Checked at run time: the delay comes from user code (a header).
+        given = cast("object", delay)
+        if given is not None and (
+            isinstance(given, bool)
+            or not isinstance(given, (int, float))
+            or not math.isfinite(given)
+            or given < 0
+        ):
+            raise ValueError(
+                f"Retry: delay={delay!r} must be a finite number of seconds >= 0, "
+                "or None for the task's retry_delay"
+            )
+        self.delay: float | None = None if delay is None else float(delay)
+        super().__init__(
+            "retry requested"
+            if delay is None
+            else f"retry requested in {self.delay:g} s"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuild with its delay (result backends pickle errors)."""
+        return (type(self), (self.delay,))
+
+
+RETRY_LIMIT = 10
+"""Attempts in all an explicit `Retry` gets on a task without ``max_attempts``."""
 
 
 class PartialFailure(Exception):

@@ -64,6 +64,7 @@ from batchtask._config import (
 from batchtask._context import BatchContext, merged_injections
 from batchtask._errors import ItemExpiredError
 from batchtask._outcomes import Outcome, settle
+from batchtask._retries import DeadLetterTask
 from batchtask._shaping import (
     CallPlan,
     Measured,
@@ -556,6 +557,11 @@ def batch_task(
     max_item_age: float | None = None,
     dedup_key: Callable[[Any], Hashable] | None = None,
     adaptive: bool = False,
+    max_attempts: int | None = None,
+    retry_delay: float = 0.0,
+    call_timeout: float | None = None,
+    group_by: Callable[[Any], Hashable] | None = None,
+    dead_letter: DeadLetterTask | None = None,
     task_name: str | None = None,
     **labels: Any,
 ) -> _SharedDecorator: ...
@@ -577,6 +583,11 @@ def batch_task(
     max_item_age: float | None = None,
     dedup_key: Callable[[Any], Hashable] | None = None,
     adaptive: bool = False,
+    max_attempts: int | None = None,
+    retry_delay: float = 0.0,
+    call_timeout: float | None = None,
+    group_by: Callable[[Any], Hashable] | None = None,
+    dead_letter: DeadLetterTask | None = None,
     task_name: str | None = None,
     **labels: Any,
 ) -> _PerItemDecorator: ...
@@ -597,6 +608,11 @@ def batch_task(
     max_item_age: float | None = None,
     dedup_key: Callable[[Any], Hashable] | None = None,
     adaptive: bool = False,
+    max_attempts: int | None = None,
+    retry_delay: float = 0.0,
+    call_timeout: float | None = None,
+    group_by: Callable[[Any], Hashable] | None = None,
+    dead_letter: DeadLetterTask | None = None,
     task_name: str | None = None,
     **labels: Any,
 ) -> _SharedDecorator | _PerItemDecorator:
@@ -634,6 +650,20 @@ def batch_task(
         latest of them); each duplicate gets that item's outcome.
     :param adaptive: call a batch early when its key's measured arrival rate
         says waiting will not fill it (never later than `batch_timeout`).
+    :param max_attempts: the most calls one item is passed to: a failed item
+        (any error but a validation error) is sent again, after
+        `retry_delay`, until its `max_attempts`-th call fails too; then its
+        failure is final (None: every failure is final, and an explicit
+        `Retry` gets up to 10 attempts in all).
+    :param retry_delay: seconds a retried item waits before it joins a batch
+        again (a `Retry`'s own ``delay`` wins; finite, >= 0).
+    :param call_timeout: seconds one call may run; a longer one is cancelled
+        (a sync function's thread is abandoned) and its items fail with
+        `CallTimeoutError`.
+    :param group_by: a key of one validated item: items with different keys
+        never share a call, whatever their extra arguments.
+    :param dead_letter: a taskiq task of one `DeadLetter`, sent each item
+        whose failure is final (after its attempts).
     :param task_name: taskiq task name; defaults to ``module:function``.
     :param labels: taskiq labels, as for ``broker.task(...)``; a name within
         two letters of a setting's is refused (a typo would lose the setting).
@@ -654,6 +684,11 @@ def batch_task(
         max_item_age=max_item_age,
         dedup_key=dedup_key,
         adaptive=adaptive,
+        max_attempts=max_attempts,
+        retry_delay=retry_delay,
+        call_timeout=call_timeout,
+        group_by=group_by,
+        dead_letter=dead_letter,
     )
     if config.results == "per_item":
         return _PerItemDecorator(broker, config, task_name, labels)
