@@ -37,7 +37,14 @@ from taskiq.brokers.inmemory_broker import InmemoryResultBackend
 from taskiq.middlewares import SimpleRetryMiddleware
 from taskiq.receiver import Receiver
 
-from batchtask import BatchContext, BatchReceiver, PartialFailure, batch_task
+from batchtask import (
+    BatchContext,
+    BatchReceiver,
+    DeadLetter,
+    PartialFailure,
+    Retry,
+    batch_task,
+)
 from batchtask._lifecycle import close_all
 from tests.conftest import results_through, within
 
@@ -379,6 +386,125 @@ def retried(broker: AsyncBroker) -> Any:
     return flaky
 
 
+def retries_later(broker: AsyncBroker) -> Any:
+    seen: set[int] = set()
+
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def once_later(items: list[int]) -> list[int]:
+        again = {i: Retry(delay=0.1) for i, v in enumerate(items) if v % 3 == 0}
+        for v in items:
+            if v % 3 == 0 and v in seen:
+                del again[items.index(v)]
+            seen.add(v)
+        if again:
+            raise PartialFailure(again, results=[v * 10 for v in items])
+        return [v * 10 for v in items]
+
+    return once_later
+
+
+def retries_all(broker: AsyncBroker) -> Any:
+    calls: list[int] = []
+
+    @batch_task(
+        broker, batch_size=100, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def whole_call(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise Retry from ConnectionError("the API is down")
+        return items
+
+    return whole_call
+
+
+def retries_in_context(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker, batch_size=4, batch_timeout=0.05, results="per_item", task_name="t"
+    )
+    async def asks(items: list[int], ctx: BatchContext = TaskiqDepends()) -> list[int]:
+        for index, message in enumerate(ctx.messages):
+            if items[index] == 4 and "batchtask_attempt" not in message.labels:
+                await ctx.retry_item(index, delay=0.05)
+        return items
+
+    return asks
+
+
+class Letters:
+    """A dead-letter task: notes each letter under its item's task id."""
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    async def kiq(self, letter: DeadLetter) -> None:
+        self.log.setdefault(f"dead letter of {letter.task_id}", []).append(
+            (letter.item, letter.attempts, letter.error, letter.error_type)
+        )
+
+
+def attempts(broker: AsyncBroker) -> Any:
+    log = next(m.log for m in broker.middlewares if isinstance(m, Recorder))
+
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        max_attempts=3,
+        dead_letter=Letters(log),
+        retry_on_error=True,
+        max_retries=5,
+        task_name="t",
+    )
+    async def sevens_fail(items: list[int]) -> list[int]:
+        bad = {i: ValueError(f"{v} is 7") for i, v in enumerate(items) if v == 7}
+        if bad:
+            raise PartialFailure(bad, results=items)
+        return items
+
+    return sevens_fail
+
+
+def timed_out(broker: AsyncBroker) -> Any:
+    slept: set[int] = set()
+
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        call_timeout=0.2,
+        max_attempts=2,
+        task_name="t",
+    )
+    async def hangs_once(items: list[int]) -> list[int]:
+        if 2 in items and 2 not in slept:
+            slept.add(2)
+            await asyncio.sleep(30)
+        return items
+
+    return hangs_once
+
+
+def grouped(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=100,
+        batch_timeout=0.05,
+        results="per_item",
+        group_by=lambda n: 1 // (n - 9) if n >= 9 else n % 2,
+        task_name="t",
+    )
+    async def one_parity(items: list[int]) -> list[int]:
+        assert len({v % 2 for v in items}) == 1, "one group per call"
+        return [v % 2 for v in items]
+
+    return one_parity
+
+
 def weighed(broker: AsyncBroker) -> Any:
     def weight(n: int) -> float:
         if n == 3:
@@ -512,6 +638,18 @@ SCENARIOS = [
         middlewares=lambda: [SimpleRetryMiddleware()],
         settle=0.3,
     ),
+    Scenario("Retry in PartialFailure, with a delay", retries_later, N, settle=0.2),
+    Scenario("Retry raised for the whole call", retries_all, N, settle=0.2),
+    Scenario("BatchContext.retry_item", retries_in_context, N, settle=0.2),
+    Scenario(
+        "max_attempts, a dead letter, taskiq's retries kept off",
+        attempts,
+        N,
+        middlewares=lambda: [SimpleRetryMiddleware()],
+        settle=0.3,
+    ),
+    Scenario("call_timeout", timed_out, N, settle=0.2),
+    Scenario("group_by, one that raises", grouped, N),
 ]
 
 

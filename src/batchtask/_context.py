@@ -10,7 +10,9 @@ A batch function asks for it like taskiq's own ``Context``::
 ``ctx.messages[i]`` is the message of ``rows[i]``. ``ack()`` acknowledges
 every message of the call, ``ack_item(i)`` one of them; ``requeue_item(i)``
 sends item *i* again (taskiq's ``Context.requeue`` for one item) and
-``reject_item(i)`` fails it with taskiq's ``TaskRejectedError``. A taskiq
+``reject_item(i)`` fails it with taskiq's ``TaskRejectedError``;
+``await retry_item(i, delay=30.0)`` sends it again, counted and delayed, as
+a `Retry` raised for it would (see `batchtask.Retry`). A taskiq
 ``Context`` injected into a batch function acknowledges every message of the
 call too (`call_context`).
 
@@ -26,6 +28,8 @@ from typing import Any
 from taskiq import AsyncBroker, Context, TaskiqDepends, TaskiqMessage, TaskiqState
 from taskiq.acks import AckController
 from taskiq.exceptions import NoResultError, TaskRejectedError
+
+from batchtask._errors import Retry
 
 Ack = Callable[[], Awaitable[None]]
 """Acknowledges one message (idempotent), as taskiq's ``Context.ack``."""
@@ -53,6 +57,7 @@ class BatchContext:
         self._ack_many: AckMany | None = None
         self._requeued: set[int] = set()
         self._rejected: set[int] = set()
+        self._retried: dict[int, Retry] = {}
 
     @classmethod
     def of(
@@ -75,6 +80,7 @@ class BatchContext:
         self._ack_many = ack_many
         self._requeued = set()
         self._rejected = set()
+        self._retried = {}
         return self
 
     @classmethod
@@ -151,13 +157,26 @@ class BatchContext:
         """Fail item `index` with taskiq's ``TaskRejectedError`` when the call ends."""
         self._rejected.add(self._index(index))
 
+    async def retry_item(self, index: int, *, delay: float | None = None) -> None:
+        """Retry item `index` after `delay` seconds, whatever the call returns for it.
+
+        As a `Retry` for that item in `PartialFailure`: when the call ends, its
+        message is sent again (its attempt counted) and joins a later batch no
+        earlier than `delay` seconds later (None: the task's ``retry_delay``);
+        past the task's attempts its failure is final.
+
+        :raises IndexError: if the call has no item `index`.
+        :raises ValueError: if `delay` is not a finite number >= 0 or None.
+        """
+        self._retried[self._index(index)] = Retry(delay)
+
     def override(self, index: int) -> BaseException | None:
         """The error item `index` ends with whatever the call returned, if any."""
         if index in self._requeued:
             return NoResultError()
         if index in self._rejected:
             return TaskRejectedError()
-        return None
+        return self._retried.get(index)
 
     def call_context(self, message: TaskiqMessage) -> Context:
         """A taskiq ``Context`` whose ``ack()`` acknowledges every message here."""

@@ -69,6 +69,14 @@ class _LoopBatchers:
         default_factory=lambda: weakref.WeakSet[asyncio.Task[Any]]()
     )
     """Tasks running an entry point (taskiq's message tasks) on this loop."""
+    holds: "set[asyncio.Future[bool]]" = field(default_factory=lambda: set())
+    """Entry points holding a retried item until its time (`hold`)."""
+
+    def release_holds(self) -> None:
+        """End every hold now: the worker is shutting down."""
+        for held in self.holds:
+            if not held.done():
+                held.set_result(False)
 
     def of(self, broker: AsyncBroker | None = None) -> list[Batcher[Any, Any]]:
         return [b for owner, b in self.members if broker is None or owner is broker]
@@ -179,8 +187,30 @@ def close_all(loop: asyncio.AbstractEventLoop) -> None:
     """Flush every buffer on `loop` now and stop waiting for timers there."""
     here = _here(loop)
     here.closed.update(_watched_brokers.keys())
+    here.release_holds()
     for batcher in here.of():
         batcher.close()
+
+
+async def hold(broker: AsyncBroker, seconds: float) -> bool:
+    """Wait `seconds` outside every batch; False if the worker shuts down first."""
+    here = _here()
+    if broker in here.closed:
+        return False
+    loop = asyncio.get_running_loop()
+    held: asyncio.Future[bool] = loop.create_future()
+    timer = loop.call_later(seconds, _end_hold, held)
+    here.holds.add(held)
+    try:
+        return await held
+    finally:
+        timer.cancel()
+        here.holds.discard(held)
+
+
+def _end_hold(held: "asyncio.Future[bool]") -> None:
+    if not held.done():
+        held.set_result(True)
 
 
 def watch(broker: AsyncBroker, task_name: str, config: BatchConfig) -> None:
@@ -247,6 +277,7 @@ def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
     async def on_worker_shutdown(_: TaskiqState) -> None:
         here = _here()
         here.closed.add(broker)
+        here.release_holds()
         for batcher in here.of(broker):
             await batcher.drain()
         # A receiver that stopped on an error left its message tasks behind:

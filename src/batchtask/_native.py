@@ -74,6 +74,7 @@ from batchtask._errors import PoisonItemError
 from batchtask._faults import FaultObserver, Redeliveries, fault_observer, retried
 from batchtask._grouping import store_many
 from batchtask._outcomes import Outcome
+from batchtask._retries import hand_back, hold_limit, not_before, settle_retries
 from batchtask._shaping import (
     PLAIN,
     CallPlan,
@@ -249,6 +250,12 @@ class NativePath:
         """Whether each message gets its own context (`_intake`)."""
         self._checks_results = self.redeliveries.checks_results
         """The result backend's `Redeliveries.checks_results`, read at `start`."""
+        self._held: dict[
+            int,
+            tuple[asyncio.TimerHandle, BatchTask[Any, ..., ..., Any, Any], NativeItem],
+        ] = {}
+        """Retried items waiting for their time, outside every batch (`_hold`)."""
+        self._hold_limit = hold_limit(adapter)
         self.ended: Callable[[str], None] | None = None
         """Told the task id of each taken message as it ends (an in-process
         broker's ``wait_all`` waits for its kicks so: `batchtask.brokers`)."""
@@ -496,12 +503,71 @@ class NativePath:
             return
         if self._tracer is not None:
             item.note = self._tracer.note()
+        wait = not_before(message.labels) - time.time()
+        if wait > 0:
+            self._hold(task, item, wait)
+            return
+        self._submit(task, item)
+
+    def _submit(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem
+    ) -> None:
+        """Into the batch of its key (its ``timeout`` label counts from here)."""
+        message = item.message
         batcher = self._batcher_of(task, item.cap)
-        entry = batcher.submit(item.bound.key, item, weight=item.measured.weight)
+        entry = batcher.submit(
+            item.measured.key(item.bound.key), item, weight=item.measured.weight
+        )
         timeout = message.labels.get("timeout")
         if timeout is not None:
             loop = asyncio.get_running_loop()
             item.expiry = loop.call_later(float(timeout), self._expire, batcher, entry)
+
+    # -- held retries ----------------------------------------------------
+
+    def _hold(
+        self, task: BatchTask[Any, ..., ..., Any, Any], item: NativeItem, wait: float
+    ) -> None:
+        """Keep a retried item out of every batch until its time (no task, no slot).
+
+        Held for at most half the broker's redelivery window; then, or when
+        the worker closes, it is handed back (`_hand_back`).
+        """
+        span = wait if self._hold_limit is None else min(wait, self._hold_limit)
+        loop = asyncio.get_running_loop()
+        self._held[id(item)] = (
+            loop.call_later(span, self._unhold, task, item, span < wait),
+            task,
+            item,
+        )
+
+    def _unhold(
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        item: NativeItem,
+        hand_back: bool,
+    ) -> None:
+        self._held.pop(id(item), None)
+        if item.done:
+            return
+        if hand_back:
+            self._spawn(self._hand_back(task, [item]))
+        else:
+            self._submit(task, item)
+
+    async def _hand_back(
+        self, task: BatchTask[Any, ..., ..., Any, Any], items: list[NativeItem]
+    ) -> None:
+        """Send held items again as they are, then end them without a result.
+
+        If they cannot be sent they run now, early, rather than be lost.
+        """
+        if await hand_back(self.broker, [item.message for item in items]):
+            await self.finish([(item, Outcome(NoResultError())) for item in items])
+        else:
+            for item in items:
+                if not item.done:
+                    self._submit(task, item)
 
     def _ack_received(self, item: NativeItem) -> None:
         """Ack on arrival, with the arrivals of this loop turn in one round trip."""
@@ -709,6 +775,13 @@ class NativePath:
                 Outcome(override) if (override := context.override(index)) else outcome
                 for index, outcome in enumerate(outcomes)
             ]
+        outcomes = await settle_retries(
+            task.config,
+            task.task_name,
+            broker,
+            [item.message for item in items],
+            outcomes,
+        )
         failed = [outcome.error for outcome in outcomes if outcome.error is not None]
         if resolver is not None:
             # Generator dependencies see the call's first error, as taskiq
@@ -935,9 +1008,17 @@ class NativePath:
         task.add_done_callback(self._intakes.discard)
 
     def close(self) -> None:
-        """Run every buffered batch now: no more messages will arrive."""
+        """Run every buffered batch now, hand held items back: no more will arrive."""
         for batcher in self._batchers.values():
             batcher.close()
+        held, self._held = self._held, {}
+        by_task: dict[str, tuple[BatchTask[Any, ..., ..., Any, Any], list[NativeItem]]]
+        by_task = {}
+        for timer, task, item in held.values():
+            timer.cancel()
+            by_task.setdefault(task.task_name, (task, []))[1].append(item)
+        for task, items in by_task.values():
+            self._spawn(self._hand_back(task, items))
 
     async def wait_idle(self) -> None:
         """Wait until no taken message is still arriving or in a running batch."""

@@ -7,19 +7,30 @@
   calls each half again until the failing items are alone.
 - `PartialFailure` fails the items it names and gives the others their results.
 - With a tracer (`batchtask._spans`), each call runs inside its scope.
+- With ``call_timeout``, a call running longer is cancelled (a sync
+  function's thread is left to finish, its outcome ignored) and its items
+  fail with `CallTimeoutError`; a timed-out call is not bisected.
 - A `BaseException` that is not an `Exception` (say an `asyncio.CancelledError`
   raised inside the function) fails the items with `BatchCallError`; only a
   cancellation of the batch itself propagates.
 """
 
 import asyncio
+import logging
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from batchtask._config import ResultsMode
-from batchtask._errors import BatchCallError, BatchResultError, PartialFailure
+from batchtask._errors import (
+    BatchCallError,
+    BatchResultError,
+    CallTimeoutError,
+    PartialFailure,
+)
 from batchtask._spans import Scope
+
+logger = logging.getLogger("batchtask")
 
 
 class Outcome(NamedTuple):
@@ -40,10 +51,14 @@ async def settle(
     results: ResultsMode,
     bisect: bool,
     scope: Scope | None = None,
+    call_timeout: float | None = None,
+    sync: bool = False,
 ) -> list[Outcome]:
     """Call `call` on `items` (in halves when bisecting) and return one outcome each.
 
-    With `scope`, each call runs inside ``scope(start, stop, attempt)``.
+    With `scope`, each call runs inside ``scope(start, stop, attempt)``; with
+    `call_timeout`, each call may run that many seconds (`sync`: the
+    function runs in a thread, which a timeout abandons).
     """
     outcomes: list[Outcome] = [Outcome(None)] * len(items)
     attempts = 0
@@ -52,17 +67,27 @@ async def settle(
         nonlocal attempts
         chunk = list(items[start:stop])
         attempts += 1
+        limit = asyncio.timeout(call_timeout)
         try:
-            if scope is None:
-                returned = await call(chunk)
-            else:
-                with scope(start, stop, attempts):
+            async with limit:
+                if scope is None:
                     returned = await call(chunk)
+                else:
+                    with scope(start, stop, attempts):
+                        returned = await call(chunk)
+        except TimeoutError as exc:
+            if not limit.expired():
+                error: BaseException = exc
+            else:
+                outcomes[start:stop] = [
+                    Outcome(_timed_out(task_name, len(chunk), call_timeout, sync))
+                ] * len(chunk)
+                return
         except PartialFailure as partial:
             outcomes[start:stop] = _partial(partial, len(chunk), task_name, results)
             return
         except Exception as exc:
-            error: BaseException = exc
+            error = exc
         except BaseException as exc:
             current = asyncio.current_task()
             if isinstance(exc, asyncio.CancelledError) and (
@@ -90,6 +115,27 @@ async def settle(
     if items:
         await attempt(0, len(items))
     return outcomes
+
+
+def _timed_out(
+    task_name: str, size: int, call_timeout: float | None, sync: bool
+) -> CallTimeoutError:
+    if sync:
+        logger.warning(
+            "batch task %s: a call of %d item(s) ran past call_timeout=%gs; its "
+            "thread is left to finish and its outcome ignored",
+            task_name,
+            size,
+            call_timeout,
+        )
+    what = "its thread was abandoned" if sync else "it was cancelled"
+    return CallTimeoutError(
+        message=(
+            f"batch task {task_name!r}: the call of {size} item(s) ran longer than "
+            f"call_timeout={call_timeout:g}s and {what}. Fix: raise call_timeout, "
+            "give the function's own I/O a timeout, or lower batch_size"
+        )
+    )
 
 
 def _returned(

@@ -19,10 +19,32 @@ On arrival (`not_before`), an item whose ``batchtask_not_before`` lies ahead
 waits outside every batch until then.
 """
 
-from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
+from taskiq import AsyncBroker, BrokerMessage, TaskiqMessage
+from taskiq.exceptions import NoResultError, TaskRejectedError
+
+from batchtask._errors import (
+    RETRY_LIMIT,
+    BatchArgumentError,
+    ItemExpiredError,
+    ItemValidationError,
+    PoisonItemError,
+    Retry,
+)
+from batchtask._outcomes import Outcome
+from batchtask.brokers import adapter_for
+
+if TYPE_CHECKING:
+    from batchtask._config import BatchConfig
+    from batchtask.brokers import BrokerAdapter
+
+logger = logging.getLogger("batchtask")
 
 
 class DeadLetter(BaseModel):
@@ -83,3 +105,179 @@ def not_before(labels: Mapping[str, Any] | None) -> float:
         return float(stamp)
     except (TypeError, ValueError):
         return 0.0
+
+
+FINAL: tuple[type[BaseException], ...] = (
+    NoResultError,
+    TaskRejectedError,
+    ItemExpiredError,
+    ItemValidationError,
+    BatchArgumentError,
+    PoisonItemError,
+)
+"""Outcomes never retried: no result, rejected, never run, or a poison item."""
+
+RETRY_ON_ERROR = "retry_on_error"
+"""taskiq's retry middlewares' label; ``False`` keeps them off a counted failure."""
+
+
+class _Again(NamedTuple):
+    at: int
+    message: TaskiqMessage
+    attempts: int
+    delay: float
+
+
+async def settle_retries(
+    config: "BatchConfig",
+    task_name: str,
+    broker: AsyncBroker,
+    messages: Sequence[TaskiqMessage | None],
+    outcomes: list[Outcome],
+) -> list[Outcome]:
+    """Each passed item's outcome after retries: re-sent, or final (see the module).
+
+    `messages[i]` is the message of the item with `outcomes[i]` (None where
+    it is not known: that item's outcome stays as it is).
+    """
+    counts_every_failure = (
+        config.max_attempts is not None or config.dead_letter is not None
+    )
+    if not counts_every_failure and not any(
+        isinstance(outcome.error, Retry) for outcome in outcomes
+    ):
+        return outcomes
+    again: list[_Again] = []
+    letters: list[tuple[TaskiqMessage, int, BaseException]] = []
+    settled = list(outcomes)
+    for index, (message, outcome) in enumerate(zip(messages, outcomes, strict=True)):
+        error = outcome.error
+        if error is None or message is None or isinstance(error, FINAL):
+            continue
+        attempts = attempt_of(message.labels) + 1
+        if isinstance(error, Retry) or counts_every_failure:
+            limit = config.max_attempts or (
+                RETRY_LIMIT if isinstance(error, Retry) else 1
+            )
+            if attempts < limit:
+                delay = config.retry_delay
+                if isinstance(error, Retry) and error.delay is not None:
+                    delay = error.delay
+                again.append(_Again(index, message, attempts, delay))
+                continue
+            # batchtask counted this failure: taskiq's retries keep off it.
+            message.labels[RETRY_ON_ERROR] = "False"
+        final = error
+        if isinstance(error, Retry) and error.__cause__ is not None:
+            final = error.__cause__
+        settled[index] = Outcome(final)
+        if config.dead_letter is not None:
+            letters.append((message, attempts, final))
+    if again:
+        sent = await _send_again(broker, again)
+        for retry in again:
+            if sent:
+                settled[retry.at] = Outcome(NoResultError())
+        if sent:
+            logger.info(
+                "batch task %s: %d item(s) sent again (attempt %s)",
+                task_name,
+                len(again),
+                ", ".join(sorted({str(r.attempts + 1) for r in again})),
+            )
+    if letters:
+        await _dead_letters(config.dead_letter, task_name, letters)
+    return settled
+
+
+async def _send_again(broker: AsyncBroker, again: Sequence[_Again]) -> bool:
+    """Send each item's message again with its attempt and its time; all or none."""
+    adapter = adapter_for(broker)
+    native_delay = adapter.delays()
+    now = time.time()
+    copies: list[BrokerMessage] = []
+    for retry in again:
+        labels = dict(retry.message.labels)
+        labels[ATTEMPT] = str(retry.attempts)
+        labels.pop("delay", None)
+        labels.pop(NOT_BEFORE, None)
+        if retry.delay > 0:
+            labels[NOT_BEFORE] = f"{now + retry.delay:.3f}"
+            if native_delay:
+                labels["delay"] = f"{retry.delay:g}"
+        copy = retry.message.model_copy(update={"labels": labels})
+        copies.append(broker.formatter.dumps(copy))
+    try:
+        await adapter.kick_many(copies)
+    except Exception:
+        logger.exception(
+            "batchtask: sending %d item(s) again failed; their failure is final",
+            len(copies),
+        )
+        return False
+    return True
+
+
+async def hand_back(broker: AsyncBroker, messages: Sequence[TaskiqMessage]) -> bool:
+    """Send held messages again as they are (their time still ahead); all or none."""
+    if not messages:
+        return True
+    try:
+        await adapter_for(broker).kick_many(
+            [broker.formatter.dumps(message) for message in messages]
+        )
+    except Exception:
+        logger.exception(
+            "batchtask: handing %d held item(s) back to the broker failed",
+            len(messages),
+        )
+        return False
+    return True
+
+
+async def _dead_letters(
+    task: Any,
+    task_name: str,
+    letters: Sequence[tuple[TaskiqMessage, int, BaseException]],
+) -> None:
+    """Send one `DeadLetter` per final failure; a failed send is logged."""
+
+    async def send(message: TaskiqMessage, attempts: int, error: BaseException) -> None:
+        letter = DeadLetter(
+            task_name=task_name,
+            task_id=message.task_id,
+            item=message.args[0] if message.args else None,
+            args=list(message.args[1:]),
+            kwargs=dict(message.kwargs),
+            attempts=attempts,
+            error=str(error) or repr(error),
+            error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+            labels={
+                k: v
+                for k, v in message.labels.items()
+                if k not in (ATTEMPT, NOT_BEFORE, RETRY_ON_ERROR)
+            },
+        )
+        await task.kiq(letter)
+
+    replies = await asyncio.gather(
+        *(send(*letter) for letter in letters), return_exceptions=True
+    )
+    for (message, _, _), reply in zip(letters, replies, strict=True):
+        if isinstance(reply, BaseException):
+            logger.error(
+                "batch task %s: sending the dead letter of %s failed",
+                task_name,
+                message.task_id,
+                exc_info=reply,
+            )
+
+
+def hold_limit(adapter: "BrokerAdapter") -> float | None:
+    """The longest a worker holds an item before handing it back, if bounded.
+
+    Half the broker's redelivery window: held longer, an unacknowledged
+    message would be delivered to another worker meanwhile.
+    """
+    window = adapter.redelivery_window()
+    return None if window is None else max(window[0] / 2, 0.5)

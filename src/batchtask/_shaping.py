@@ -1,6 +1,7 @@
-"""Per-item settings around a call: weight, dedup key and age; who gets called.
+"""Per-item settings around a call: weight, dedup key, group and age; who gets called.
 
-On arrival (`measure`) an item's ``weight`` and ``dedup_key`` are computed,
+On arrival (`measure`) an item's ``weight``, ``dedup_key`` and ``group_by``
+are computed,
 so a function that raises fails that item alone, before it joins a batch.
 When the batch is called (`plan`), items older than ``max_item_age`` end
 with `ItemExpiredError` and items with equal dedup keys are passed once;
@@ -42,6 +43,12 @@ class Measured:
     weight: float = 0.0
     dedup: Hashable = NO_KEY
     """Its dedup key, or `NO_KEY`."""
+    group: Hashable = NO_KEY
+    """Its ``group_by`` key, or `NO_KEY` (the task has none)."""
+
+    def key(self, extra: Hashable) -> Hashable:
+        """Its batch's key: `extra` (the extra arguments' key) and its group."""
+        return extra if self.group is NO_KEY else (extra, self.group)
 
 
 PLAIN: Final = Measured()
@@ -51,18 +58,21 @@ PLAIN: Final = Measured()
 def measure(config: BatchConfig, task_name: str, item: Any) -> Measured:
     """Weigh and key one validated item.
 
-    :raises ItemValidationError: if ``weight`` or ``dedup_key`` raised or
+    :raises ItemValidationError: if ``weight``, ``dedup_key`` or ``group_by`` raised or
         returned something unusable (only this item fails).
     """
-    if config.weight is None and config.dedup_key is None:
+    if config.weight is None and config.dedup_key is None and config.group_by is None:
         return PLAIN
     weight = 0.0
     if config.weight is not None:
         weight = _weigh(config, task_name, item)
     dedup: Hashable = NO_KEY
     if config.dedup_key is not None:
-        dedup = _key(config, task_name, item)
-    return Measured(weight, dedup)
+        dedup = _key(task_name, item, config.dedup_key, "dedup_key")
+    group: Hashable = NO_KEY
+    if config.group_by is not None:
+        group = _key(task_name, item, config.group_by, "group_by")
+    return Measured(weight, dedup, group)
 
 
 def sent_at(labels: Mapping[str, Any] | None, received: float) -> float:
@@ -104,15 +114,18 @@ def _weigh(config: BatchConfig, task_name: str, item: Any) -> float:
     return float(weight)
 
 
-def _key(config: BatchConfig, task_name: str, item: Any) -> Hashable:
-    key_of = config.dedup_key
-    assert key_of is not None
+def _key(
+    task_name: str,
+    item: Any,
+    key_of: Callable[[Any], Hashable],
+    setting: str,
+) -> Hashable:
     try:
         key = key_of(item)
         hash(key)
     except Exception as exc:
         raise ItemValidationError(
-            message=f"batch task {task_name!r}: dedup_key={_name(key_of)} "
+            message=f"batch task {task_name!r}: {setting}={_name(key_of)} "
             f"failed for this item ({exc!r}); the item fails alone. Fix: "
             "return a hashable key (a str, an int, a tuple of them) for every item",
         ) from exc
@@ -205,14 +218,14 @@ def plan(
     return CallPlan(sorted([*keyless, *latest.values()]), expired, copies)
 
 
-_labels: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
-    "batchtask_labels", default=None
+_message: contextvars.ContextVar[TaskiqMessage | None] = contextvars.ContextVar(
+    "batchtask_message", default=None
 )
 
 
-def current_labels() -> Mapping[str, Any] | None:
-    """On taskiq's own path: the labels of the batch task message being run."""
-    return _labels.get()
+def current_message() -> TaskiqMessage | None:
+    """On taskiq's own path: the batch task message being run."""
+    return _message.get()
 
 
 class SendTimeMiddleware(TaskiqMiddleware):
@@ -239,9 +252,9 @@ class SendTimeMiddleware(TaskiqMiddleware):
         return message
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        """Note a batch task message's labels for its entry point."""
+        """Note a batch task message for its entry point."""
         if message.task_name in self.task_names:
-            _labels.set(message.labels)
+            _message.set(message)
         return message
 
 

@@ -23,7 +23,6 @@ from collections.abc import (
     Coroutine,
     Hashable,
     Iterable,
-    Mapping,
     Sequence,
 )
 from datetime import datetime, timedelta
@@ -46,7 +45,7 @@ from taskiq import (
     TaskiqMiddleware,
 )
 from taskiq.abc.schedule_source import ScheduleSource
-from taskiq.exceptions import SendTaskError
+from taskiq.exceptions import NoResultError, SendTaskError
 from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
 from taskiq.scheduler.created_schedule import CreatedSchedule
@@ -64,11 +63,17 @@ from batchtask._config import (
 from batchtask._context import BatchContext, merged_injections
 from batchtask._errors import ItemExpiredError
 from batchtask._outcomes import Outcome, settle
-from batchtask._retries import DeadLetterTask
+from batchtask._retries import (
+    DeadLetterTask,
+    hand_back,
+    hold_limit,
+    not_before,
+    settle_retries,
+)
 from batchtask._shaping import (
     CallPlan,
     Measured,
-    current_labels,
+    current_message,
     measure,
     plan,
     sent_at,
@@ -97,8 +102,8 @@ class StockItem:
 
     bound: BoundItem
     measured: Measured
-    labels: Mapping[str, Any] | None
-    """Its message's labels, where taskiq's path lets them be known."""
+    message: TaskiqMessage | None
+    """Its message, where taskiq's path lets it be known."""
     received: float
     """``time.time()`` on arrival."""
     note: object = None
@@ -309,14 +314,17 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             # this runs once per item).
             bound = bind(args, kwargs)
             measured = measure(task.config, task.task_name, bound.item)
+            message = current_message()
+            if message is not None and not_before(message.labels) > time.time():
+                await task.hold(message)
             batcher, in_place = batcher_here()
             tracer = tracer_of(task.broker)
             item = batcher.submit(
-                bound.key,
+                measured.key(bound.key),
                 StockItem(
                     bound,
                     measured,
-                    current_labels(),
+                    message,
                     time.time(),
                     None if tracer is None else tracer.note(),
                 ),
@@ -342,6 +350,25 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         entry.__qualname__ = getattr(func, "__qualname__", entry.__name__)
         entry.__doc__ = func.__doc__
         return entry
+
+    async def hold(self, message: TaskiqMessage) -> None:
+        """Wait until a retried item's time has come, outside every batch.
+
+        Held for at most half the broker's redelivery window (`hold_limit`):
+        an item due later, or held as the worker shuts down, is handed back
+        (sent again as it is) and ends here without a result, so the message
+        is acknowledged only after its copy was sent.
+
+        :raises NoResultError: when the item was handed back.
+        """
+        wait = not_before(message.labels) - time.time()
+        limit = hold_limit(adapter_for(self.broker))
+        span = wait if limit is None else min(wait, limit)
+        if await _lifecycle.hold(self.broker, span) and span >= wait:
+            return
+        if await hand_back(self.broker, [message]):
+            raise NoResultError
+        # Not handed back: it runs now, early, rather than be lost.
 
     def _batcher(self) -> tuple[Batcher[StockItem, Any], bool]:
         """The running loop's batcher, and whether it runs messages in place."""
@@ -414,6 +441,8 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             results=self.config.results,
             bisect=self.config.bisect_on_error,
             scope=scope,
+            call_timeout=self.config.call_timeout,
+            sync=not self._is_async,
         )
 
     async def _run_batch(self, batch: Batch[StockItem, Any]) -> None:
@@ -424,7 +453,13 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             self.config,
             self.task_name,
             [entry.value.measured for entry in live],
-            lambda: [sent_at(e.value.labels, e.value.received) for e in live],
+            lambda: [
+                sent_at(
+                    None if e.value.message is None else e.value.message.labels,
+                    e.value.received,
+                )
+                for e in live
+            ],
         )
         passed = [live[index].value.bound for index in call.passed]
         outcomes: list[Outcome] = []
@@ -454,6 +489,13 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                     Outcome(override) if (override := context.override(i)) else outcome
                     for i, outcome in enumerate(outcomes)
                 ]
+            outcomes = await settle_retries(
+                self.config,
+                self.task_name,
+                self.broker,
+                [live[index].value.message for index in call.passed],
+                outcomes,
+            )
         outcomes = call.spread(len(live), outcomes)
         report(self, call, outcomes)
         for entry, outcome in zip(live, outcomes, strict=True):

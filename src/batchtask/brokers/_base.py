@@ -133,6 +133,13 @@ class BrokerAdapter(Protocol):
         """Send `messages` (``kiq_many``)."""
         ...
 
+    def delays(self) -> bool:
+        """Whether a kick with a ``delay`` label (seconds) delivers that much later.
+
+        A retry's delay then costs the worker nothing.
+        """
+        ...
+
     # -- the worker's life ---------------------------------------------------
     async def start(self) -> None:
         """A `BatchReceiver` starts listening: start what runs beside it."""
@@ -212,6 +219,10 @@ class PerMessage:
         for start in range(0, len(messages), CONCURRENT_KICKS):
             chunk = messages[start : start + CONCURRENT_KICKS]
             await asyncio.gather(*(kick(message) for message in chunk))
+
+    def delays(self) -> bool:
+        """Unknown brokers deliver at once: the worker holds a delayed retry."""
+        return False
 
     async def start(self) -> None:
         """Nothing runs beside the receiver."""

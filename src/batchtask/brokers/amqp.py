@@ -44,6 +44,8 @@ class Amqp(PerMessage):
         "AioPikaBroker._qos: the prefetch count (checked at start)",
         "aio_pika.message.IncomingMessage.ack, .delivery_tag, .channel, "
         ".redelivered: a delivery's ack as taskiq-aio-pika hands it out",
+        "AioPikaBroker._delay_queue, ._delayed_message_exchange_plugin: whether "
+        "its kick honours a delay label",
     )
 
     def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
@@ -155,9 +157,22 @@ class Amqp(PerMessage):
             qos, f"AioPikaBroker(qos={qos})", "AioPikaBroker(..., qos={n})"
         )
 
+    def delays(self) -> bool:
+        """Whether ``kick`` delays a message by its ``delay`` label.
+
+        With a delay queue or the delayed-message exchange it does; without
+        either it refuses the label.
+        """
+        return getattr(self.broker, "_delay_queue", None) is not None or (
+            getattr(self.broker, "_delayed_message_exchange_plugin", False) is True
+        )
+
     def changes(self) -> list[str]:
         """What the checks need and did not find."""
-        return [] if hasattr(self.broker, "_qos") else ["AioPikaBroker._qos"]
+        needed = ("_qos", "_delay_queue", "_delayed_message_exchange_plugin")
+        return [
+            f"AioPikaBroker.{name}" for name in needed if not hasattr(self.broker, name)
+        ]
 
 
 class _Channel:
