@@ -189,7 +189,12 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
     """
     client = redis.from_url(REDIS_URL)
     await client.delete(
-        queue, f"{queue}:calls", f"{queue}:processed", f"{queue}:received"
+        queue,
+        f"{queue}:calls",
+        f"{queue}:processed",
+        f"{queue}:received",
+        f"{queue}:tried",
+        f"{queue}:retried",
     )
     await client.aclose()
     if app.KIND == "rabbitmq":

@@ -73,7 +73,7 @@ from taskiq_redis import (
     RedisStreamSentinelBroker,
 )
 
-from batchtask import BatchContext, batch_task
+from batchtask import BatchContext, PartialFailure, Retry, batch_task
 from batchtask._lifecycle import buffered_items
 
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -231,9 +231,11 @@ broker = make_broker().with_middlewares(CountReceived())
 async def double(values: list[int], tag: str) -> list[int]:
     """Doubles each value; ``tag="cancel"`` raises CancelledError inside.
 
-    ``tag="sleep:S"`` sleeps S seconds first. A call that includes the value
-    BATCHTASK_POISON ends its process (``os._exit``; a segfault with
-    BATCHTASK_POISON_HOW=segv) before it records anything.
+    ``tag="sleep:S"`` sleeps S seconds first. ``tag="retry:S"``: on an
+    item's first call, `Retry` after S seconds (each call that gave an item
+    a `Retry` adds 1 to its count in ``<queue>:retried``). A call that
+    includes the value BATCHTASK_POISON ends its process (``os._exit``; a
+    segfault with BATCHTASK_POISON_HOW=segv) before it records anything.
     """
     if tag == "cancel":
         raise asyncio.CancelledError
@@ -243,11 +245,24 @@ async def double(values: list[int], tag: str) -> list[int]:
         os._exit(70)
     if tag.startswith("sleep:"):
         await asyncio.sleep(float(tag.partition(":")[2]))
+    first: list[int] = []
+    if tag.startswith("retry:"):
+        for index, value in enumerate(values):
+            if await _redis.hincrby(f"{QUEUE}:tried", str(value), 1) == 1:
+                first.append(index)
+    done = [value for index, value in enumerate(values) if index not in first]
     async with _redis.pipeline(transaction=False) as pipe:
-        pipe.rpush(f"{QUEUE}:calls", f"{os.getpid()}:{','.join(map(str, values))}")
-        for value in values:
+        if done:
+            pipe.rpush(f"{QUEUE}:calls", f"{os.getpid()}:{','.join(map(str, done))}")
+        for value in done:
             pipe.hincrby(f"{QUEUE}:processed", str(value), 1)
+        for index in first:
+            pipe.hincrby(f"{QUEUE}:retried", str(values[index]), 1)
         await pipe.execute()
+    if first:
+        delay = float(tag.partition(":")[2])
+        again = {index: Retry(delay=delay) for index in first}
+        raise PartialFailure(again, results=[2 * v for v in values])
     return [2 * v for v in values]
 
 
