@@ -59,6 +59,16 @@ PRINTS = {
         "1:a b c 1:a b c",
     ],
     "ctx.messages[i]": ["['a@web', 'b@cli', 'c@web']"],
+    "async def send(events": [
+        "calling the API with ['a', 'b', 'broken']",
+        "calling the API with ['broken']",
+        "calling the API with ['broken']",
+        "calling the API with ['b']",
+        "sent a",
+        "sent b",
+        "error: the API rejects 'broken'",
+        "dead letter: 'broken', 3 attempts, the API rejects 'broken'",
+    ],
     "BatchTracingMiddleware(tracer_provider=provider)": [
         "saving [0, 1, 2] into events",
         "batch/save links=3 size=3 reason=size key='events'",

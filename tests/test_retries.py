@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
 import pytest
-from taskiq import BrokerMessage, InMemoryBroker, TaskiqDepends
+from taskiq import (
+    BrokerMessage,
+    InMemoryBroker,
+    TaskiqDepends,
+    TaskiqMessage,
+    TaskiqMiddleware,
+)
 from taskiq.middlewares import SimpleRetryMiddleware
 
 from batchtask import (
@@ -392,3 +398,37 @@ def test_bad_item_level_settings_are_refused_at_the_decorator(
         batch_task(InMemoryBroker(), batch_size=10, batch_timeout=1.0, **settings)
     assert text in str(raised.value)
     assert "Fix:" in str(raised.value)
+
+
+async def test_a_long_hold_is_handed_back_within_the_window(
+    broker: InMemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that redelivers after W seconds: a retried item due later than
+    W/2 is held W/2, then sent again as it is (so no other worker claims it
+    meanwhile), and runs once, no earlier than its delay."""
+    monkeypatch.setattr("batchtask._task.hold_limit", lambda adapter: 0.2)
+    monkeypatch.setattr("batchtask._native.hold_limit", lambda adapter: 0.2)
+    calls: list[float] = []
+    deliveries = 0
+
+    class Count(TaskiqMiddleware):
+        def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+            nonlocal deliveries
+            deliveries += 1
+            return message
+
+    broker.add_middlewares(Count())
+
+    @batch_task(broker, batch_size=10, batch_timeout=0.05)
+    async def later(items: list[int]) -> int:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise Retry(delay=0.7)
+        return len(items)
+
+    [result] = await results([await later.kiq(1)])
+    assert result.return_value == 1
+    assert len(calls) == 2
+    assert calls[1] - calls[0] >= 0.7 - 0.01
+    # The original, its retry, then a hand-back every 0.2 s of the 0.7 s.
+    assert deliveries >= 4
