@@ -408,8 +408,10 @@ def retries_later(broker: AsyncBroker) -> Any:
 def retries_all(broker: AsyncBroker) -> Any:
     calls: list[int] = []
 
+    # A full batch (all 10 items) each time: which items share a call is not
+    # left to timing.
     @batch_task(
-        broker, batch_size=100, batch_timeout=0.05, results="per_item", task_name="t"
+        broker, batch_size=10, batch_timeout=5, results="per_item", task_name="t"
     )
     async def whole_call(items: list[int]) -> list[int]:
         calls.append(len(items))
@@ -488,8 +490,8 @@ def timed_out(broker: AsyncBroker) -> Any:
 
     @batch_task(
         broker,
-        batch_size=4,
-        batch_timeout=0.05,
+        batch_size=10,  # all 10 in the call that times out, not left to timing
+        batch_timeout=5,
         results="per_item",
         call_timeout=0.2,
         max_attempts=2,

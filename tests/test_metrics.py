@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from taskiq import InMemoryBroker
 
-from batchtask import PartialFailure, batch_task, flush_all
-from batchtask.metrics import BatchMetricsMiddleware
+from batchtask import DeadLetter, PartialFailure, batch_task, flush_all
+from batchtask.metrics import MAX_GROUPS, BatchMetricsMiddleware
 from tests.conftest import within
 
 
@@ -44,6 +44,56 @@ async def test_flushes_sizes_waits_failures_and_buffered_items() -> None:
     assert sample(registry, "batch_item_wait_count", **task) == 25
     assert sample(registry, "batch_items_failed_total", **task) == 1
     assert [r.is_err for r in results] == [False] * 24 + [True]
+
+
+async def test_retries_dead_letters_and_group_keys_are_counted() -> None:
+    """Retried and dead-lettered items have counters of their own (and are
+    not failures until final); calls count per group_by key, bounded."""
+    registry = CollectorRegistry()
+    broker = InMemoryBroker().with_middlewares(BatchMetricsMiddleware(registry))
+    await broker.startup()
+    letters: list[DeadLetter] = []
+
+    class Letters:
+        async def kiq(self, letter: DeadLetter) -> None:
+            letters.append(letter)
+
+    @batch_task(
+        broker,
+        batch_size=100,
+        batch_timeout=0.05,
+        max_attempts=2,
+        dead_letter=Letters(),
+        group_by=lambda n: n % 2,
+        task_name="m:retry",
+    )
+    async def odd_fail(values: list[int]) -> None:
+        if values[0] % 2:
+            raise RuntimeError("odd")
+
+    tasks = [await odd_fail.kiq(v) for v in range(6)]
+    results = [await within(t.wait_result(timeout=10)) for t in tasks]
+    await within(broker.wait_all())
+    await broker.shutdown()
+    task = {"task_name": "m:retry"}
+    assert [r.is_err for r in results] == [False, True] * 3
+    assert sample(registry, "batch_items_retried_total", **task) == 3
+    assert sample(registry, "batch_items_dead_lettered_total", **task) == 3
+    assert sample(registry, "batch_items_failed_total", **task) == 3, "final only"
+    assert sample(registry, "batch_group_calls_total", group="0", **task) == 1
+    assert sample(registry, "batch_group_calls_total", group="1", **task) == 2
+    assert len(letters) == 3
+
+
+def test_group_labels_stop_at_max_groups() -> None:
+    registry = CollectorRegistry()
+    metrics = BatchMetricsMiddleware(registry)
+    for key in range(MAX_GROUPS + 5):
+        metrics.called_group("m:many", repr(key))
+    metrics.called_group("m:many", "0")
+    labels = {"task_name": "m:many"}
+    assert sample(registry, "batch_group_calls_total", group="other", **labels) == 5
+    assert sample(registry, "batch_group_calls_total", group="0", **labels) == 2
 
 
 def test_metrics_need_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from tests.test_differential import (
     RecordingBackend,
     bisect,
     failing,
+    grouped,
     shared,
 )
 
@@ -163,6 +164,20 @@ async def test_each_call_is_one_span_linked_to_the_spans_of_its_messages(
             assert span_id == executes[task_id].context.span_id
             linked.append(task_id)
     assert sorted(linked) == sorted(executes), "every message linked once"
+
+
+@pytest.mark.parametrize("receiver_class", RECEIVERS, ids=_name)
+async def test_a_call_of_a_group_by_key_names_it(
+    receiver_class: type[Receiver],
+) -> None:
+    spans = await run(grouped, list(range(6)), receiver_class)
+    shown = sorted(
+        (str((call.attributes or {})["batchtask.group"]), call.attributes)
+        for call in _calls(spans)
+    )
+    assert [group for group, _ in shown] == ["0", "1"]
+    for _, attributes in shown:
+        assert (attributes or {})["messaging.batch.message_count"] == 3
 
 
 @pytest.mark.parametrize("receiver_class", RECEIVERS, ids=_name)

@@ -122,6 +122,15 @@ class Observer(Protocol):
     def deduplicated(self, task: str, items: int) -> None:
         """`items` items were folded into an equal one (``dedup_key``)."""
 
+    def retried(self, task: str, items: int) -> None:
+        """`items` items were sent again to be retried (``Retry``, ``max_attempts``)."""
+
+    def dead_lettered(self, task: str, items: int) -> None:
+        """`items` items failed for good and were sent to ``dead_letter``."""
+
+    def called_group(self, task: str, group: str) -> None:
+        """A call of the ``group_by`` key shown as `group` started."""
+
 
 @dataclass(eq=False, slots=True)
 class Entry(Generic[V, R]):

@@ -718,7 +718,7 @@ class NativePath:
         if not call.trivial:
             await self._ack_left_out(every, call)
         outcomes = call.spread(len(every), outcomes)
-        report(task, call, outcomes)
+        report(task, call, outcomes, every[0].measured.shown_group)
         await self.finish(
             [
                 (entry.value, outcome)
@@ -759,7 +759,12 @@ class NativePath:
                 injected = await resolver.resolve_kwargs()
             leader = items[0].bound._replace(injected=injected)
             scope = _spans.scope(
-                self._tracer, task.task_name, batch, leader, [i.note for i in items]
+                self._tracer,
+                task.task_name,
+                batch,
+                leader,
+                [i.note for i in items],
+                items[0].measured.shown_group,
             )
             outcomes = await task.outcomes(
                 [item.bound.item for item in items], leader, scope
@@ -781,6 +786,7 @@ class NativePath:
             broker,
             [item.message for item in items],
             outcomes,
+            _lifecycle.observer_of(broker),
         )
         failed = [outcome.error for outcome in outcomes if outcome.error is not None]
         if resolver is not None:

@@ -41,6 +41,7 @@ from batchtask._outcomes import Outcome
 from batchtask.brokers import adapter_for
 
 if TYPE_CHECKING:
+    from batchtask._batcher import Observer
     from batchtask._config import BatchConfig
     from batchtask.brokers import BrokerAdapter
 
@@ -134,6 +135,7 @@ async def settle_retries(
     broker: AsyncBroker,
     messages: Sequence[TaskiqMessage | None],
     outcomes: list[Outcome],
+    observer: "Observer | None" = None,
 ) -> list[Outcome]:
     """Each passed item's outcome after retries: re-sent, or final (see the module).
 
@@ -178,6 +180,8 @@ async def settle_retries(
         for retry in again:
             if sent:
                 settled[retry.at] = Outcome(NoResultError())
+        if sent and observer is not None:
+            observer.retried(task_name, len(again))
         if sent:
             logger.info(
                 "batch task %s: %d item(s) sent again (attempt %s)",
@@ -187,6 +191,8 @@ async def settle_retries(
             )
     if letters:
         await _dead_letters(config.dead_letter, task_name, letters)
+        if observer is not None:
+            observer.dead_lettered(task_name, len(letters))
     return settled
 
 

@@ -50,6 +50,19 @@ class Measured:
         """Its batch's key: `extra` (the extra arguments' key) and its group."""
         return extra if self.group is NO_KEY else (extra, self.group)
 
+    @property
+    def shown_group(self) -> str | None:
+        """Its ``group_by`` key as metrics and traces show it (None: no key)."""
+        if self.group is NO_KEY:
+            return None
+        shown = repr(self.group)
+        return (
+            shown if len(shown) <= GROUP_LENGTH else shown[: GROUP_LENGTH - 3] + "..."
+        )
+
+
+GROUP_LENGTH: Final = 64
+"""The longest ``group_by`` key metrics and traces show."""
 
 PLAIN: Final = Measured()
 """The measure of every item of a task without ``weight`` or ``dedup_key``."""

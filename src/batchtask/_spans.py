@@ -39,6 +39,8 @@ class CallInfo:
     """Items passed to the batch's first call (more than `size` when bisecting)."""
     attempt: int
     """1 for the batch's first call; bisecting counts on."""
+    group: str | None = None
+    """The batch's ``group_by`` key as shown (its ``repr``, cut); None without."""
 
 
 class CallTracer(Protocol):
@@ -81,10 +83,12 @@ def scope(
     batch: Batch[Any, Any],
     leader: BoundItem,
     notes: Sequence[object],
+    group: str | None = None,
 ) -> Scope | None:
     """The scope of each call of `batch` on the items whose `notes` are given.
 
-    `leader` holds the call's extra arguments. None without a tracer.
+    `leader` holds the call's extra arguments, `group` the shown ``group_by``
+    key. None without a tracer.
     """
     if tracer is None:
         return None
@@ -106,6 +110,7 @@ def scope(
             stop - start,
             size,
             attempt,
+            group,
         )
         return tracer.call(info, notes[start:stop])
 

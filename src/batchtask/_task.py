@@ -476,6 +476,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 batch,
                 leader,
                 [live[index].value.note for index in call.passed],
+                live[0].value.measured.shown_group,
             )
             outcomes = await self.outcomes(
                 [bound.item for bound in passed], leader, scope
@@ -495,9 +496,10 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 self.broker,
                 [live[index].value.message for index in call.passed],
                 outcomes,
+                _lifecycle.observer_of(self.broker),
             )
         outcomes = call.spread(len(live), outcomes)
-        report(self, call, outcomes)
+        report(self, call, outcomes, live[0].value.measured.shown_group)
         for entry, outcome in zip(live, outcomes, strict=True):
             if entry.future.done():
                 continue
@@ -752,16 +754,22 @@ def batch_task_of(
 
 
 def report(
-    task: BatchTask[Any, ..., ..., Any, Any], call: CallPlan, outcomes: list[Outcome]
+    task: BatchTask[Any, ..., ..., Any, Any],
+    call: CallPlan,
+    outcomes: list[Outcome],
+    group: str | None = None,
 ) -> None:
-    """Tell the broker's metrics about a finished call."""
+    """Tell the broker's metrics about a finished call (of ``group_by`` key `group`)."""
     observer = _lifecycle.observer_of(task.broker)
     if observer is None:
         return
     failed = sum(
-        outcome.error is not None and not isinstance(outcome.error, ItemExpiredError)
+        outcome.error is not None
+        and not isinstance(outcome.error, (ItemExpiredError, NoResultError))
         for outcome in outcomes
     )
+    if group is not None and call.passed:
+        observer.called_group(task.task_name, group)
     if failed:
         observer.failed(task.task_name, failed)
     if call.expired:

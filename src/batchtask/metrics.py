@@ -20,7 +20,14 @@ as taskiq's ``received_tasks`` or ``execution_time``):
 - ``batch_item_wait`` (histogram, seconds): from an item entering its buffer
   to the start of its call;
 - ``batch_items_failed`` (counter): items whose outcome was an error
-  (expired items not included);
+  (expired, retried and requeued items not included);
+- ``batch_items_retried`` (counter): items sent again to be retried
+  (``Retry``, ``max_attempts``);
+- ``batch_items_dead_lettered`` (counter): items whose failure was final,
+  sent to the task's ``dead_letter``;
+- ``batch_group_calls{task_name, group}`` (counter): calls per ``group_by``
+  key (its ``repr``, cut to 64 characters); past `MAX_GROUPS` keys of one
+  task in a process, further keys count as ``group="other"``;
 - ``batch_items_expired`` (counter): items older than ``max_item_age``,
   failed with ``ItemExpiredError`` instead of being passed;
 - ``batch_items_deduplicated`` (counter): items folded into an item with an
@@ -63,6 +70,9 @@ from batchtask._batcher import FlushReason
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+MAX_GROUPS = 100
+"""The most ``group_by`` keys of one task labelled apart in one process."""
 
 SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 """Bucket bounds of ``batch_size``."""
@@ -122,6 +132,25 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
             ["task_name"],
             registry=target,
         )
+        self.retried_items = Counter(
+            "batch_items_retried",
+            "Items sent again to be retried (Retry, max_attempts)",
+            ["task_name"],
+            registry=target,
+        )
+        self.dead_lettered_items = Counter(
+            "batch_items_dead_lettered",
+            "Items whose failure was final, sent to the dead-letter task",
+            ["task_name"],
+            registry=target,
+        )
+        self.group_calls = Counter(
+            "batch_group_calls",
+            "Calls per group_by key (bounded: see MAX_GROUPS)",
+            ["task_name", "group"],
+            registry=target,
+        )
+        self._groups: dict[str, set[str]] = {}
         self.calls_waiting = Gauge(
             "batch_calls_waiting",
             "Flushed batches waiting for a call slot",
@@ -211,6 +240,24 @@ class BatchMetricsMiddleware(TaskiqMiddleware):
     def deduplicated(self, task: str, items: int) -> None:
         """`items` items were folded into an equal one."""
         self.deduplicated_items.labels(task).inc(items)
+
+    def retried(self, task: str, items: int) -> None:
+        """`items` items were sent again to be retried."""
+        self.retried_items.labels(task).inc(items)
+
+    def dead_lettered(self, task: str, items: int) -> None:
+        """`items` items were sent to the dead-letter task."""
+        self.dead_lettered_items.labels(task).inc(items)
+
+    def called_group(self, task: str, group: str) -> None:
+        """A call of one ``group_by`` key started (keys beyond `MAX_GROUPS`: other)."""
+        seen = self._groups.setdefault(task, set())
+        if group not in seen:
+            if len(seen) >= MAX_GROUPS:
+                group = "other"
+            else:
+                seen.add(group)
+        self.group_calls.labels(task, group).inc()
 
     def fault(self, event: str, count: int) -> None:
         """`count` messages (or listens) met a fault `event`.

@@ -24,7 +24,9 @@ attributes:
 - ``messaging.batch.message_count``: items passed to this call;
 - ``batchtask.task_name``, ``batchtask.group_key`` (the extra arguments as a
   call shows them, ``'events', upsert=True``, at most 256 characters),
-  ``batchtask.flush_reason`` (as in `batchtask.FlushReason`);
+  ``batchtask.flush_reason`` (as in `batchtask.FlushReason`), and with
+  ``group_by`` ``batchtask.group`` (the key's ``repr``, at most 64
+  characters);
 - ``batchtask.wait``: seconds from the batch's first item entering its
   buffer to this call's start;
 - ``batchtask.batch_size``: items of the batch's first call, and
@@ -128,6 +130,7 @@ class BatchTracingMiddleware(TaskiqMiddleware):
             "messaging.batch.message_count": info.size,
             "batchtask.task_name": info.task_name,
             "batchtask.group_key": info.key,
+            **({} if info.group is None else {"batchtask.group": info.group}),
             "batchtask.wait": info.waited,
             "batchtask.batch_size": info.batch_size,
             "batchtask.attempt": info.attempt,
