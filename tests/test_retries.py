@@ -33,6 +33,7 @@ from batchtask import (
     PartialFailure,
     Retry,
     batch_task,
+    flush_all,
 )
 from batchtask._lifecycle import buffered_items
 from tests.conftest import within
@@ -432,3 +433,26 @@ async def test_a_long_hold_is_handed_back_within_the_window(
     assert calls[1] - calls[0] >= 0.7 - 0.01
     # The original, its retry, then a hand-back every 0.2 s of the 0.7 s.
     assert deliveries >= 4
+
+
+async def test_a_retry_on_a_broker_that_runs_kicks_in_place_does_not_hang() -> None:
+    """``InMemoryBroker(await_inplace=True)`` runs a kicked message inside the
+    kick: the retry's send must not wait for it from inside the call (with
+    one call slot, that wait would be for the slot the call holds)."""
+    broker = InMemoryBroker(await_inplace=True)
+    await broker.startup()
+    calls: list[list[int]] = []
+
+    @batch_task(broker, batch_size=10, batch_timeout=0.05, max_concurrent_calls=1)
+    async def once_more(items: list[int]) -> int:
+        calls.append(items)
+        if len(calls) == 1:
+            raise Retry(delay=0.1)
+        return len(items)
+
+    task = await within(once_more.kiq(7), 10)
+    await within(flush_all(broker), 10)
+    [result] = await results([task])
+    await broker.shutdown()
+    assert result.return_value == 1
+    assert calls == [[7], [7]]

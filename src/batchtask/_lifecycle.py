@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from batchtask import _checks, _grouping
+from batchtask import _checks, _grouping, _retries
 from batchtask._batcher import (
     Batcher,
     Eagerness,
@@ -333,6 +333,7 @@ async def flush_all(broker: AsyncBroker | None = None) -> None:
             await adapter_for(broker).wait_kicked()
         for batcher in here.of():
             await batcher.wait_idle()
+        await _retries.wait_sent()
     finally:
         here.eagerness.level -= 1
 

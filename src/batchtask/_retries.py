@@ -214,7 +214,7 @@ async def _send_again(broker: AsyncBroker, again: Sequence[_Again]) -> bool:
         copy = retry.message.model_copy(update={"labels": labels})
         copies.append(broker.formatter.dumps(copy))
     try:
-        await adapter.kick_many(copies)
+        await _kick(adapter, copies)
     except Exception:
         logger.exception(
             "batchtask: sending %d item(s) again failed; their failure is final",
@@ -224,13 +224,47 @@ async def _send_again(broker: AsyncBroker, again: Sequence[_Again]) -> bool:
     return True
 
 
+_background: "set[asyncio.Task[None]]" = set()
+"""Sends to a broker that runs each message as it is kicked (`_kick`)."""
+
+
+async def _kick(adapter: "BrokerAdapter", copies: Sequence[BrokerMessage]) -> None:
+    """Send `copies`; on a broker that runs messages in place, in the background.
+
+    There a kick returns only once its message ran, and awaiting it from
+    inside a call would wait for a later call of the same task (for a call
+    slot this call holds, with ``max_concurrent_calls``): a hang. Nothing
+    is acknowledged on such a broker, so nothing waits for the send either.
+    """
+    if not adapter.runs_in_place():
+        await adapter.kick_many(copies)
+        return
+    task = asyncio.ensure_future(adapter.kick_many(copies))
+    _background.add(task)
+    task.add_done_callback(_sent)
+
+
+def _sent(task: "asyncio.Task[None]") -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("batchtask: sending items again failed", exc_info=task.exception())
+
+
+async def wait_sent() -> None:
+    """Wait for the sends `_kick` left in the background on this loop."""
+    loop = asyncio.get_running_loop()
+    while pending := {t for t in _background if t.get_loop() is loop}:
+        await asyncio.wait(pending)
+
+
 async def hand_back(broker: AsyncBroker, messages: Sequence[TaskiqMessage]) -> bool:
     """Send held messages again as they are (their time still ahead); all or none."""
     if not messages:
         return True
     try:
-        await adapter_for(broker).kick_many(
-            [broker.formatter.dumps(message) for message in messages]
+        await _kick(
+            adapter_for(broker),
+            [broker.formatter.dumps(message) for message in messages],
         )
     except Exception:
         logger.exception(
