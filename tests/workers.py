@@ -195,6 +195,7 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
         f"{queue}:received",
         f"{queue}:tried",
         f"{queue}:retried",
+        f"{queue}:spans",
     )
     await client.aclose()
     if app.KIND == "rabbitmq":

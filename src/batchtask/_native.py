@@ -72,6 +72,7 @@ from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
 from batchtask._faults import FaultObserver, Redeliveries, fault_observer, retried
+from batchtask._fleet import FleetLimits, LeaseUnavailable
 from batchtask._grouping import store_many
 from batchtask._outcomes import Outcome
 from batchtask._retries import hand_back, hold_limit, not_before, settle_retries
@@ -256,6 +257,9 @@ class NativePath:
         ] = {}
         """Retried items waiting for their time, outside every batch (`_hold`)."""
         self._hold_limit = hold_limit(adapter)
+        server = adapter.lease_server()
+        self.fleet: FleetLimits | None = None if server is None else FleetLimits(server)
+        """Where calls of limited tasks take their leases (`batchtask._fleet`)."""
         self.ended: Callable[[str], None] | None = None
         """Told the task id of each taken message as it ends (an in-process
         broker's ``wait_all`` waits for its kicks so: `batchtask.brokers`)."""
@@ -714,7 +718,14 @@ class NativePath:
                 [every[index].message.task_id for index in call.passed],
                 len(call.passed),
             )
-        outcomes = await self._call(task, batch, every, call)
+        try:
+            outcomes = await self._call(task, batch, every, call)
+        except LeaseUnavailable:
+            # Not called: back to the broker, unacknowledged, for a worker
+            # that reaches the lease server (see batchtask._fleet).
+            for item in every:
+                self._release(item)
+            return
         if not call.trivial:
             await self._ack_left_out(every, call)
         outcomes = call.spread(len(every), outcomes)
@@ -766,9 +777,28 @@ class NativePath:
                 [i.note for i in items],
                 items[0].measured.shown_group,
             )
-            outcomes = await task.outcomes(
-                [item.bound.item for item in items], leader, scope
-            )
+            config = task.config
+            if self.fleet is None or (
+                config.max_concurrent_calls is None
+                and config.max_concurrent_calls_per_key is None
+            ):
+                outcomes = await task.outcomes(
+                    [item.bound.item for item in items], leader, scope
+                )
+            else:  # the limits hold across the fleet: the call holds leases
+                async with self.fleet.calls(
+                    task.task_name,
+                    batch.key,
+                    config.max_concurrent_calls,
+                    config.max_concurrent_calls_per_key,
+                ):
+                    outcomes = await task.outcomes(
+                        [item.bound.item for item in items], leader, scope
+                    )
+        except LeaseUnavailable:  # no call without its leases: `_run` gives back
+            if resolver is not None:
+                await resolver.close(None, None, None)
+            raise
         except Exception as exc:  # resolving a dependency failed: every item fails
             outcomes = [Outcome(exc)] * len(items)
         except BaseException:  # cancelled: every item's time ran out

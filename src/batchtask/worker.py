@@ -28,6 +28,11 @@ taskiq tasks keep taskiq's own path.
   ``idle_timeout`` of their own (Cluster, Sentinel), the milliseconds after
   which an entry left unacknowledged by a dead consumer is claimed (default
   600000, taskiq-redis's default for ``RedisStreamBroker``).
+- ``--receiver_arg fleet=false``: ``max_concurrent_calls`` and
+  ``max_concurrent_calls_per_key`` hold per worker process only. By default,
+  on the Redis stream brokers, they hold across every `BatchReceiver` worker
+  of the stream: each call of a limited task holds a lease on the server
+  (`batchtask._fleet`, docs/fleets.md).
 
 What the receiver knows about the broker (how it reads, what a delivery is,
 how acks go together) comes from the broker's adapter (`batchtask.brokers`).
@@ -83,7 +88,8 @@ class BatchReceiver(Receiver):
     Pass it to the worker with ``--receiver batchtask:BatchReceiver``; its
     own settings come as ``--receiver_arg max_buffered=N``,
     ``--receiver_arg group_writes=false``, ``--receiver_arg
-    max_message_bytes=N`` and ``--receiver_arg idle_timeout=MS``. See the
+    max_message_bytes=N``, ``--receiver_arg idle_timeout=MS`` and
+    ``--receiver_arg fleet=false``. See the
     module documentation.
     """
 
@@ -96,13 +102,13 @@ class BatchReceiver(Receiver):
         group_writes: bool | str = True,
         idle_timeout: int | str | None = None,
         max_message_bytes: int | str = DEFAULT_MAX_MESSAGE_BYTES,
+        fleet: bool | str = True,
         **kwargs: Any,
     ) -> None:
-        """Take taskiq's receiver arguments, plus batchtask's own four.
+        """Take taskiq's receiver arguments, plus batchtask's own five.
 
-        `max_buffered`, `group_writes`, `idle_timeout` and
-        `max_message_bytes` may each be a string, as ``--receiver_arg``
-        passes them.
+        `max_buffered`, `group_writes`, `idle_timeout`, `max_message_bytes`
+        and `fleet` may each be a string, as ``--receiver_arg`` passes them.
         """
         super().__init__(broker, executor, *args, **kwargs)
         self.max_buffered = _count(max_buffered, "max_buffered")
@@ -110,7 +116,12 @@ class BatchReceiver(Receiver):
         self.max_message_bytes = _count(max_message_bytes, "max_message_bytes")
         self._refusals: set[asyncio.Task[None]] = set()
         idle = None if idle_timeout is None else _count(idle_timeout, "idle_timeout")
-        options = Options(group_acks=self.group_writes, idle_timeout_ms=idle or None)
+        self.fleet = _flag(fleet, "fleet")
+        options = Options(
+            group_acks=self.group_writes,
+            idle_timeout_ms=idle or None,
+            fleet=self.fleet,
+        )
         self.adapter: BrokerAdapter = adapter_for(broker, options)
         """What this receiver knows about its broker (`batchtask.brokers`)."""
         changed = _compat.receiver_changes(self)

@@ -49,6 +49,7 @@ import asyncio
 import ctypes
 import os
 import resource
+import time
 from typing import Any
 
 import redis.asyncio as redis
@@ -355,3 +356,31 @@ if os.environ.get("BATCHTASK_ACK_TASKS") == "1":
     ) -> list[int]:
         """``manual`` without any ack: every message stays unacknowledged."""
         return await _record_ack_call("ack_none", values, ctx)
+
+
+if os.environ.get("BATCHTASK_FLEET_TASKS") == "1":
+    # Only on request, as the ack tasks above.
+    @batch_task(
+        broker,
+        batch_size=BATCH_SIZE,
+        batch_timeout=BATCH_TIMEOUT,
+        results="per_item",
+        max_concurrent_calls_per_key=1,
+        task_name="app:one_writer",
+    )
+    async def one_writer(values: list[int], key: str) -> list[int]:
+        """One writer per `key` (across the fleet, under BatchReceiver): each call
+        sleeps 50 ms and is listed in ``<queue>:spans`` as
+        ``key:start:end:pid:values`` (``time.time()``; one machine, one clock)."""
+        start = time.time()
+        await asyncio.sleep(0.05)
+        end = time.time()
+        entry = f"{key}:{start:.6f}:{end:.6f}:{os.getpid()}:"
+        entry += ",".join(map(str, values))
+        async with _redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(f"{QUEUE}:spans", entry)
+            for value in values:
+                pipe.hincrby(f"{QUEUE}:processed", str(value), 1)
+            pipe.expire(f"{QUEUE}:spans", 900)
+            await pipe.execute()
+        return [2 * v for v in values]

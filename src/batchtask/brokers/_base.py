@@ -70,6 +70,22 @@ NewLocalPath = Callable[[Any, "BrokerAdapter"], LocalPath]
 deliveries are acked through the adapter given."""
 
 
+class LeaseServer(Protocol):
+    """Where leases are kept (`batchtask._fleet`): a family's ``lease_server``."""
+
+    async def acquire(self, name: str, limit: int, holder: str, ttl_ms: int) -> int:
+        """One of `limit` slots of `name` for `holder`: a fencing token, 0 if full."""
+        ...
+
+    async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
+        """Extend `holder`'s lease of `name` by `ttl_ms`; False if it is gone."""
+        ...
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give `holder`'s lease of `name` back."""
+        ...
+
+
 class UnackedCap(NamedTuple):
     """A broker's cap on the messages one consumer holds unacknowledged."""
 
@@ -89,6 +105,9 @@ class Options:
     idle_timeout_ms: int | None = None
     """Milliseconds after which a stream's unacknowledged entry is claimed by
     another consumer, where the broker has no setting of its own."""
+    fleet: bool = True
+    """Whether call limits hold across the fleet where the family can
+    (``--receiver_arg fleet=false``: per worker process)."""
 
 
 DEFAULTS: Final = Options()
@@ -138,6 +157,10 @@ class BrokerAdapter(Protocol):
 
         A retry's delay then costs the worker nothing.
         """
+        ...
+
+    def lease_server(self) -> LeaseServer | None:
+        """Where call limits across the fleet keep their leases; None: per process."""
         ...
 
     # -- the worker's life ---------------------------------------------------
@@ -223,6 +246,10 @@ class PerMessage:
     def delays(self) -> bool:
         """Unknown brokers deliver at once: the worker holds a delayed retry."""
         return False
+
+    def lease_server(self) -> LeaseServer | None:
+        """No lease server: call limits hold per worker process."""
+        return None
 
     async def start(self) -> None:
         """Nothing runs beside the receiver."""

@@ -18,6 +18,12 @@ brokers never claim. An entry read here knows whether it was claimed, so no
 ``XPENDING`` is needed to tell a redelivery. An entry without a ``data``
 field (written by another tool, or a bug) is logged and acknowledged; it
 never ends the reader.
+
+Leases (`StreamLeases`, for call limits across the fleet: `batchtask._fleet`)
+live on the same server: one sorted set per name, of holders scored by when
+their lease expires by the server's clock (``TIME`` in a script), and a
+counter beside it for fencing tokens; both keys share a hash tag, so a
+Redis Cluster keeps them on one node.
 """
 
 import asyncio
@@ -444,6 +450,10 @@ class StreamFamily(PerMessage):
         idle = self.idle_ms
         return idle / 1000, f"BatchReceiver(idle_timeout={idle})"
 
+    def lease_server(self) -> "StreamLeases | None":
+        """Leases on the stream's server, unless the worker asked for none."""
+        return StreamLeases(self) if self.options.fleet else None
+
     def changes(self) -> list[str]:
         """What the reader and grouped acks need from the broker and did not find."""
         names = ("queue_name", "consumer_group_name", "consumer_name", "block")
@@ -471,6 +481,76 @@ def _data_of(fields: object) -> bytes | None:
         if isinstance(data, bytes):
             return data
     return None
+
+
+_ACQUIRE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+local ttl = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], ms + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+local token = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], 86400000)
+return token
+"""
+"""Grant one of ARGV[1] slots of KEYS[1] to holder ARGV[2] for ARGV[3] ms."""
+
+_RENEW = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not until_ms or tonumber(until_ms) <= ms then
+  return 0
+end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], 'XX', ms + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+"""
+"""Extend holder ARGV[1]'s unexpired lease of KEYS[1] by ARGV[2] ms."""
+
+LEASE_PREFIX = "batchtask:lease"
+"""The prefix of the lease keys: ``batchtask:lease:{<name>}`` and ``...:fence``."""
+
+
+class StreamLeases:
+    """Leases on a stream family's server (see the module)."""
+
+    def __init__(self, family: StreamFamily) -> None:
+        """Keep leases where `family`'s stream is."""
+        self.family = family
+
+    @staticmethod
+    def keys(name: str) -> tuple[str, str]:
+        """The sorted set of a lease name's holders, and its token counter."""
+        tagged = f"{LEASE_PREFIX}:{{{name}}}"
+        return tagged, f"{tagged}:fence"
+
+    async def acquire(self, name: str, limit: int, holder: str, ttl_ms: int) -> int:
+        """One of `limit` slots of `name`: a fencing token, or 0 if all are held."""
+        holders, fence = self.keys(name)
+        async with self.family.client() as client:
+            granted = await client.eval(
+                _ACQUIRE, 2, holders, fence, limit, holder, ttl_ms
+            )
+        return int(granted)
+
+    async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
+        """Extend `holder`'s lease of `name`; False if it expired or is gone."""
+        holders, fence = self.keys(name)
+        async with self.family.client() as client:
+            kept = await client.eval(_RENEW, 2, holders, fence, holder, ttl_ms)
+        return int(kept) == 1
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the slot back at once."""
+        holders, _ = self.keys(name)
+        async with self.family.client() as client:
+            await client.zrem(holders, holder)
 
 
 def _text(value: object) -> str:

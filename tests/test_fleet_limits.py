@@ -1,0 +1,158 @@
+"""Call limits across a fleet: one writer per key on every machine at once.
+
+Two ``taskiq worker --workers 2`` commands (two machines of two processes)
+serve ``app:one_writer`` (``max_concurrent_calls_per_key=1``, 50 ms calls)
+on one Redis stream under `BatchReceiver`. Each call lists its start and end
+(one machine, one clock); no two calls of one key may overlap. With
+``--receiver_arg fleet=false`` the limit holds per process only, and the run
+prints how often calls of one key overlapped then (the reference).
+"""
+
+import asyncio
+from collections import defaultdict
+
+import pytest
+import redis.asyncio as redis
+
+from tests.workers import (
+    RECEIVER,
+    REDIS_URL,
+    app_env,
+    kill,
+    new_queue,
+    processed,
+    producer,
+    require_broker,
+    start_worker,
+    until,
+    wait_listening,
+    worker_log,
+)
+
+pytestmark = pytest.mark.workers
+
+KEYS = 10
+PER_KEY = 20
+SETTINGS = {
+    "BATCHTASK_BROKER": "stream",
+    "BATCHTASK_BATCH_SIZE": "5",
+    "BATCHTASK_BATCH_TIMEOUT": "0.2",
+    "BATCHTASK_REDELIVER_AFTER": "5",
+    "BATCHTASK_FLEET_TASKS": "1",
+}
+
+
+async def spans(queue: str) -> list[tuple[str, float, float, str]]:
+    """Each call: its key, start, end and values."""
+    client = redis.from_url(REDIS_URL)
+    try:
+        raw = await client.lrange(f"{queue}:spans", 0, -1)
+    finally:
+        await client.aclose()
+    calls = []
+    for entry in raw:
+        key, start, end, _pid, values = entry.decode().split(":")
+        calls.append((key, float(start), float(end), values))
+    return calls
+
+
+def overlaps(calls: list[tuple[str, float, float, str]]) -> int:
+    """Calls that started while an earlier call of their key still ran."""
+    by_key: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, start, end, _ in calls:
+        by_key[key].append((start, end))
+    found = 0
+    for runs in by_key.values():
+        runs.sort()
+        latest_end = -1.0
+        for start, end in runs:
+            if start < latest_end:
+                found += 1
+            latest_end = max(latest_end, end)
+    return found
+
+
+async def run_fleet(*flags: str, kill_one: bool = False) -> dict[str, object]:
+    """Two machines of two processes; traffic of KEYS keys, interleaved.
+
+    With `kill_one`, the first machine is SIGKILLed halfway through the
+    traffic, while calls run.
+    """
+    queue = new_queue()
+    with app_env(queue, **SETTINGS) as env:
+        machines = [
+            start_worker(env, "--workers", "2", *RECEIVER, *flags) for _ in range(2)
+        ]
+    try:
+        for machine in machines:
+            await wait_listening(machine)
+        with app_env(queue, **SETTINGS):
+            async with producer(queue) as app:
+                tasks = []
+                for round_ in range(PER_KEY):
+                    for key in range(KEYS):
+                        value = round_ * KEYS + key
+                        tasks.append(await app.one_writer.kiq(value, f"k{key}"))
+                    await asyncio.sleep(0.02)
+                    if kill_one and round_ == PER_KEY // 2:
+                        running = len(await spans(queue))
+                        kill(machines[0])
+
+                async def all_processed() -> bool:
+                    return len(await processed(queue)) >= KEYS * PER_KEY
+
+                await until(all_processed, 120, "every item processed")
+                await asyncio.sleep(1.0)  # a late call would show now
+                calls = await spans(queue)
+                counts = await processed(queue)
+                results = [await t.wait_result(timeout=60) for t in tasks]
+                log = worker_log(machines[1])
+    finally:
+        for machine in machines:
+            kill(machine)
+    return {
+        "calls": calls,
+        "counts": counts,
+        "results": results,
+        "log": log,
+        "calls_before_kill": running if kill_one else None,
+    }
+
+
+async def test_one_writer_per_key_holds_across_two_machines() -> None:
+    require_broker("stream")
+    fleet = await run_fleet()
+    per_process = await run_fleet("--receiver_arg", "fleet=false")
+    calls, counts = fleet["calls"], fleet["counts"]
+    assert isinstance(calls, list)
+    assert isinstance(counts, dict)
+    reference = per_process["calls"]
+    assert isinstance(reference, list)
+    print(
+        f"one writer per key, 2 machines x 2 processes, {KEYS} keys x {PER_KEY}: "
+        f"fleet: {len(calls)} calls, {overlaps(calls)} overlapping; per process "
+        f"(fleet=false): {len(reference)} calls, {overlaps(reference)} overlapping"
+    )
+    assert overlaps(calls) == 0
+    assert counts == dict.fromkeys(range(KEYS * PER_KEY), 1), "each item once"
+    results = fleet["results"]
+    assert isinstance(results, list)
+    assert [r.return_value for r in results] == [2 * v for v in range(KEYS * PER_KEY)]
+
+
+async def test_one_writer_per_key_holds_when_a_machine_is_killed() -> None:
+    """One machine SIGKILLed mid-traffic: its leases expire, its items come back
+    (claimed once idle); still no two calls of one key at once, nothing lost."""
+    require_broker("stream")
+    fleet = await run_fleet(kill_one=True)
+    calls, counts = fleet["calls"], fleet["counts"]
+    assert isinstance(calls, list)
+    assert isinstance(counts, dict)
+    print(
+        f"one writer per key, a machine killed halfway through the traffic "
+        f"({fleet['calls_before_kill']} calls done by then): {len(calls)} calls, "
+        f"{overlaps(calls)} overlapping, {sum(counts.values())} runs of "
+        f"{KEYS * PER_KEY} items"
+    )
+    assert overlaps(calls) == 0
+    assert sorted(counts) == list(range(KEYS * PER_KEY)), "nothing lost"
