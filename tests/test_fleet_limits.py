@@ -9,11 +9,13 @@ prints how often calls of one key overlapped then (the reference).
 """
 
 import asyncio
+import itertools
 from collections import defaultdict
 
 import pytest
 import redis.asyncio as redis
 
+from tests.faults import Proxy
 from tests.workers import (
     RECEIVER,
     REDIS_URL,
@@ -43,7 +45,7 @@ SETTINGS = {
 
 
 async def spans(queue: str) -> list[tuple[str, float, float, str]]:
-    """Each call: its key, start, end and values."""
+    """Each call: its key, start, end (or when it was stopped) and values."""
     client = redis.from_url(REDIS_URL)
     try:
         raw = await client.lrange(f"{queue}:spans", 0, -1)
@@ -51,7 +53,7 @@ async def spans(queue: str) -> list[tuple[str, float, float, str]]:
         await client.aclose()
     calls = []
     for entry in raw:
-        key, start, end, _pid, values = entry.decode().split(":")
+        key, start, end, _pid, values, _how = entry.decode().split(":")
         calls.append((key, float(start), float(end), values))
     return calls
 
@@ -156,3 +158,75 @@ async def test_one_writer_per_key_holds_when_a_machine_is_killed() -> None:
     )
     assert overlaps(calls) == 0
     assert sorted(counts) == list(range(KEYS * PER_KEY)), "nothing lost"
+
+
+async def stopped_and_done(queue: str) -> list[tuple[str, float, float, str, str]]:
+    client = redis.from_url(REDIS_URL)
+    try:
+        raw = await client.lrange(f"{queue}:spans", 0, -1)
+    finally:
+        await client.aclose()
+    calls = []
+    for entry in raw:
+        _key, start, end, pid, values, how = entry.decode().split(":")
+        calls.append((pid, float(start), float(end), values, how))
+    return calls
+
+
+async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None:
+    """A holder that cannot renew stops its call before the slot can pass on.
+
+    Worker A (behind a proxy) runs an 8 s call of key k holding its lease;
+    the proxy then cuts A off from Redis. A cannot renew: it stops its call
+    before the lease can expire on the server. Worker B, started then, gets
+    the slot only after that, runs A's items again (claimed once idle) and
+    its own; no two calls of k overlap, nothing is lost.
+    """
+    require_broker("stream")
+    queue = new_queue()
+    settings = {**SETTINGS, "BATCHTASK_WRITE_SECONDS": "8"}
+    async with Proxy(6379) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
+        with app_env(queue, **settings, **through) as env:
+            cut_off = start_worker(env, "--workers", "1", *RECEIVER)
+        other = None
+        try:
+            await wait_listening(cut_off)
+            with app_env(queue, **settings):
+                async with producer(queue) as app:
+                    first = [await app.one_writer.kiq(v, "k") for v in range(5)]
+                    await asyncio.sleep(1.0)  # A's call of 0..4 runs (8 s)
+                    proxy.refuse(60)
+                    with app_env(
+                        queue, **{**settings, "BATCHTASK_WRITE_SECONDS": "0.5"}
+                    ) as env:
+                        other = start_worker(env, "--workers", "1", *RECEIVER)
+                    await wait_listening(other)
+                    second = [await app.one_writer.kiq(v, "k") for v in range(5, 10)]
+
+                    async def all_processed() -> bool:
+                        return len(await processed(queue)) >= 10
+
+                    await until(all_processed, 90, "every item processed by B")
+                    calls = await stopped_and_done(queue)
+                    results = [await t.wait_result(timeout=60) for t in first + second]
+                    log = worker_log(cut_off)
+        finally:
+            kill(cut_off)
+            if other is not None:
+                kill(other)
+    zero = min(start for _, start, _, _, _ in calls)
+    print(
+        "a holder cut off (s from its call's start): "
+        + "; ".join(
+            f"pid {pid} {how} {start - zero:.1f}-{end - zero:.1f} [{values}]"
+            for pid, start, end, values, how in sorted(calls, key=lambda c: c[1])
+        )
+    )
+    runs = sorted((start, end) for _, start, end, _, _ in calls)
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(runs)), "no overlap"
+    stopped = [call for call in calls if call[4] == "stopped"]
+    assert len(stopped) == 1, "A's call was stopped"
+    assert stopped[0][2] - stopped[0][1] < 6, "well before its 8 s were up"
+    assert [r.return_value for r in results] == [2 * v for v in range(10)]
+    assert "could not be kept" in log

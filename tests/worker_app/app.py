@@ -360,6 +360,8 @@ if os.environ.get("BATCHTASK_ACK_TASKS") == "1":
 
 if os.environ.get("BATCHTASK_FLEET_TASKS") == "1":
     # Only on request, as the ack tasks above.
+    WRITE_SECONDS = float(os.environ.get("BATCHTASK_WRITE_SECONDS", "0.05"))
+
     @batch_task(
         broker,
         batch_size=BATCH_SIZE,
@@ -370,17 +372,24 @@ if os.environ.get("BATCHTASK_FLEET_TASKS") == "1":
     )
     async def one_writer(values: list[int], key: str) -> list[int]:
         """One writer per `key` (across the fleet, under BatchReceiver): each call
-        sleeps 50 ms and is listed in ``<queue>:spans`` as
-        ``key:start:end:pid:values`` (``time.time()``; one machine, one clock)."""
+        sleeps BATCHTASK_WRITE_SECONDS (default 0.05) and is listed in
+        ``<queue>:spans`` as ``key:start:end:pid:values:how`` (``time.time()``;
+        one machine, one clock), ``how`` being ``done`` or ``stopped`` (the
+        call was cancelled)."""
         start = time.time()
-        await asyncio.sleep(0.05)
-        end = time.time()
-        entry = f"{key}:{start:.6f}:{end:.6f}:{os.getpid()}:"
-        entry += ",".join(map(str, values))
-        async with _redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(f"{QUEUE}:spans", entry)
-            for value in values:
-                pipe.hincrby(f"{QUEUE}:processed", str(value), 1)
-            pipe.expire(f"{QUEUE}:spans", 900)
-            await pipe.execute()
+        how = "stopped"
+        try:
+            await asyncio.sleep(WRITE_SECONDS)
+            how = "done"
+        finally:
+            end = time.time()
+            entry = f"{key}:{start:.6f}:{end:.6f}:{os.getpid()}:"
+            entry += ",".join(map(str, values)) + f":{how}"
+            async with _redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(f"{QUEUE}:spans", entry)
+                if how == "done":
+                    for value in values:
+                        pipe.hincrby(f"{QUEUE}:processed", str(value), 1)
+                pipe.expire(f"{QUEUE}:spans", 900)
+                await pipe.execute()
         return [2 * v for v in values]
