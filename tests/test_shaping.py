@@ -14,7 +14,7 @@ from typing import Any
 from unittest.mock import Mock
 
 import pytest
-from taskiq import InMemoryBroker
+from taskiq import BrokerMessage, InMemoryBroker
 
 from batchtask import (
     BatchConfigError,
@@ -22,8 +22,10 @@ from batchtask import (
     ItemExpiredError,
     ItemValidationError,
     batch_task,
+    flush_all,
 )
 from batchtask._batcher import Batch, Batcher, Entry, Limits
+from batchtask._lifecycle import buffered_items
 from tests.conftest import within
 
 # -- settings are checked when the decorator runs ---------------------------
@@ -185,6 +187,51 @@ async def test_max_concurrent_calls_per_key_lets_other_keys_run_meanwhile(
     await within(asyncio.gather(*(t.wait_result(timeout=10) for t in tasks)))
     assert most == {"a": 1, "b": 1, "c": 1}
     assert most_overall == 3, "one call per key, the keys side by side"
+
+
+class StockPathBroker(InMemoryBroker):
+    """An InMemoryBroker with a kick of its own: its messages take taskiq's path."""
+
+    async def kick(self, message: BrokerMessage) -> None:
+        await super().kick(message)
+
+
+@pytest.mark.parametrize(
+    "broker_class",
+    [InMemoryBroker, StockPathBroker],
+    ids=["in-process path", "taskiq's path"],
+)
+async def test_with_max_concurrent_calls_group_keys_take_turns_for_the_slot(
+    broker_class: type[InMemoryBroker],
+) -> None:
+    broker = broker_class()
+    await broker.startup()
+    go = asyncio.Event()
+    started: list[str] = []
+
+    @batch_task(broker, batch_size=10, batch_timeout=60, max_concurrent_calls=1)
+    async def save(rows: list[int], table: str) -> None:
+        started.append(table)
+        await go.wait()
+
+    tasks = [await save.kiq(n, "events") for n in range(400)]
+    small = ["users", "orders", "carts", "tags", "notes"]
+    tasks += [await save.kiq(n, table) for table in small for n in range(3)]
+
+    async def all_buffered() -> None:
+        while not started or buffered_items(broker) != 3 * len(small):
+            await asyncio.sleep(0.01)
+
+    await within(all_buffered())  # events' 40 batches flushed, 1 running
+    flushing = asyncio.create_task(flush_all(broker))
+    await asyncio.sleep(0)  # it flushes the small tables' batches at once
+    go.set()
+    await within(flushing)
+    await within(asyncio.gather(*(task.wait_result(timeout=10) for task in tasks)))
+    await broker.shutdown()
+
+    assert started[:7] == ["events", "events", *small]
+    assert started.count("events") == 40
 
 
 # -- fair turns (the batcher) ----------------------------------------------
