@@ -59,6 +59,9 @@ PRINTS = {
         "1:a b c 1:a b c",
     ],
     "ctx.messages[i]": ["['a@web', 'b@cli', 'c@web']"],
+    "async def save(rows: list[int], table: str) -> None:\n    started.append": [
+        "events:10 events:10 users:3 orders:3 events:10 events:10"
+    ],
     "BatchTracingMiddleware(tracer_provider=provider)": [
         "saving [0, 1, 2] into events",
         "batch/save links=3 size=3 reason=size key='events'",
