@@ -38,8 +38,11 @@ Invariants:
   key's oldest waiting batch starts: it is among the next k starts, unless
   its own key's limit parks it.
 - A batch starts at its flush only when no turn waits and its slots are
-  free; otherwise it joins its key's turn. A waiting batch whose waiters
-  were all cancelled is dropped (its turn ends when it was the last one); a
+  free; otherwise it joins its key's turn (and starts at once if that turn
+  is next and a slot is free). Every flush, call end and `configure` starts
+  what the free slots allow, so a batch waits only while some call runs (all
+  slots taken, or its key at its limit). A waiting batch whose waiters were
+  all cancelled is dropped (its turn ends when it was the last one); a
   running one is cancelled.
 - A started batch runs in a task the batcher owns (kept in `_running`) until
   it ends; when that task ends, every entry's future is done: the run
