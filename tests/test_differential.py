@@ -176,6 +176,8 @@ class Scenario:
     """Seconds to wait after the last result (acks that follow it)."""
     shutdown: bool = False
     """Shut the worker down gracefully once every message was delivered."""
+    extra: Callable[[Any], tuple[Any, ...]] = lambda item: ()
+    """The extra arguments kicked with an item (its group key)."""
     backend: Callable[[Log], InmemoryResultBackend[Any]] = lambda log: RecordingBackend(
         log
     )
@@ -594,6 +596,27 @@ def limited(broker: AsyncBroker) -> Any:
     return save
 
 
+def taking_turns(broker: AsyncBroker) -> Any:
+    @batch_task(
+        broker,
+        batch_size=4,
+        batch_timeout=0.05,
+        results="per_item",
+        max_concurrent_calls=1,
+        task_name="t",
+    )
+    async def save(items: list[int], table: str) -> list[str]:
+        await asyncio.sleep(0.01)
+        return [f"{table}: {n} of {items}" for n in items]
+
+    return save
+
+
+def hot_or_small_table(n: int) -> tuple[str]:
+    """Items 0-23 go to one busy table, the rest two each to three others."""
+    return ("events",) if n < 24 else ("abc"[n % 3],)
+
+
 def _sent_long_ago() -> str:
     return str(time.time() - 600)
 
@@ -649,6 +672,12 @@ SCENARIOS = [
     ),
     Scenario("call limits, debounce, adaptive", limited, N),
     Scenario(
+        "keys taking turns for one call slot",
+        taking_turns,
+        list(range(30)),
+        extra=hot_or_small_table,
+    ),
+    Scenario(
         "retries of single items",
         retried,
         N,
@@ -695,7 +724,7 @@ async def kick_items(broker: AsyncBroker, task: Any, scenario: Scenario) -> None
                 )
             )
         else:
-            await kicker.kiq(item)
+            await kicker.kiq(item, *scenario.extra(item))
 
 
 def stored(log: Log) -> int:

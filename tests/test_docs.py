@@ -69,6 +69,9 @@ PRINTS = {
         "error: the API rejects 'broken'",
         "dead letter: 'broken', 3 attempts, the API rejects 'broken'",
     ],
+    "async def save(rows: list[int], table: str) -> None:\n    started.append": [
+        "events:10 events:10 users:3 orders:3 events:10 events:10"
+    ],
     "BatchTracingMiddleware(tracer_provider=provider)": [
         "saving [0, 1, 2] into events",
         "batch/save links=3 size=3 reason=size key='events'",

@@ -5,12 +5,16 @@ compared with it message by message in test_differential.py.
 """
 
 import asyncio
+import dataclasses
 import math
+import random
 import time
+from collections.abc import Hashable
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
-from taskiq import InMemoryBroker
+from taskiq import BrokerMessage, InMemoryBroker
 
 from batchtask import (
     BatchConfigError,
@@ -18,8 +22,10 @@ from batchtask import (
     ItemExpiredError,
     ItemValidationError,
     batch_task,
+    flush_all,
 )
-from batchtask._batcher import Batcher, Limits
+from batchtask._batcher import Batch, Batcher, Entry, Limits
+from batchtask._lifecycle import buffered_items
 from tests.conftest import within
 
 # -- settings are checked when the decorator runs ---------------------------
@@ -181,6 +187,280 @@ async def test_max_concurrent_calls_per_key_lets_other_keys_run_meanwhile(
     await within(asyncio.gather(*(t.wait_result(timeout=10) for t in tasks)))
     assert most == {"a": 1, "b": 1, "c": 1}
     assert most_overall == 3, "one call per key, the keys side by side"
+
+
+class StockPathBroker(InMemoryBroker):
+    """An InMemoryBroker with a kick of its own: its messages take taskiq's path."""
+
+    async def kick(self, message: BrokerMessage) -> None:
+        await super().kick(message)
+
+
+@pytest.mark.parametrize(
+    "broker_class",
+    [InMemoryBroker, StockPathBroker],
+    ids=["in-process path", "taskiq's path"],
+)
+async def test_with_max_concurrent_calls_group_keys_take_turns_for_the_slot(
+    broker_class: type[InMemoryBroker],
+) -> None:
+    broker = broker_class()
+    await broker.startup()
+    go = asyncio.Event()
+    started: list[str] = []
+
+    @batch_task(broker, batch_size=10, batch_timeout=60, max_concurrent_calls=1)
+    async def save(rows: list[int], table: str) -> None:
+        started.append(table)
+        await go.wait()
+
+    tasks = [await save.kiq(n, "events") for n in range(400)]
+    small = ["users", "orders", "carts", "tags", "notes"]
+    tasks += [await save.kiq(n, table) for table in small for n in range(3)]
+
+    async def all_buffered() -> None:
+        while not started or buffered_items(broker) != 3 * len(small):
+            await asyncio.sleep(0.01)
+
+    await within(all_buffered())  # events' 40 batches flushed, 1 running
+    flushing = asyncio.create_task(flush_all(broker))
+    await asyncio.sleep(0)  # it flushes the small tables' batches at once
+    go.set()
+    await within(flushing)
+    await within(asyncio.gather(*(task.wait_result(timeout=10) for task in tasks)))
+    await broker.shutdown()
+
+    assert started[:7] == ["events", "events", *small]
+    assert started.count("events") == 40
+
+
+# -- fair turns (the batcher) ----------------------------------------------
+
+
+class Calls:
+    """A batcher's run: notes each started batch; holds its call until released.
+
+    Every call first waits for `go`; with ``hold=True`` it then waits for its
+    own gate too (`release`). A released call resolves the futures still open.
+    """
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.started: list[Batch[Any, None]] = []
+        self.go = asyncio.Event()
+        self.hold = hold
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, batch: Batch[Any, None]) -> None:
+        self.started.append(batch)
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await self.go.wait()
+        if self.hold:
+            await gate.wait()
+        for entry in batch.entries:
+            if not entry.future.done():
+                entry.future.set_result(None)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [batch.key for batch in self.started]
+
+    @property
+    def firsts(self) -> list[Any]:
+        """Each started batch's first item."""
+        return [batch.entries[0].value for batch in self.started]
+
+    def release(self, index: int) -> None:
+        self.go.set()
+        self.gates[index].set()
+
+    def release_all(self) -> None:
+        self.hold = False
+        self.go.set()
+        for gate in self.gates:
+            gate.set()
+
+    async def until(self, started: int) -> None:
+        """Return once `started` calls have begun."""
+        while len(self.started) < started:
+            await asyncio.sleep(0)
+
+
+def batcher_of(calls: Calls, **limits: Any) -> Batcher[Any, None]:
+    return Batcher(
+        calls, name="t", limits=Limits(batch_timeout=60, **limits), observer=Mock()
+    )
+
+
+@pytest.mark.parametrize("hot_key", ["backlog first", "backlog growing after"])
+async def test_with_one_call_slot_keys_take_turns_so_a_small_key_waits_k_calls(
+    hot_key: str,
+) -> None:
+    """400 items of A, then 3 of each of B..F: six keys wait, not 39 batches."""
+    calls = Calls()
+    batcher = batcher_of(calls, batch_size=10, max_calls=1)
+    later = 200 if hot_key == "backlog growing after" else 400
+    entries = [batcher.submit("A", n) for n in range(later)]
+    await within(calls.until(1))  # A's first call holds the slot
+    small = "BCDEF"
+    entries += [batcher.submit(key, n) for key in small for n in range(3)]
+    batcher.flush(FlushReason.MANUAL)  # the small keys' batches of 3
+    flushed_at = len(calls.started)
+    entries += [batcher.submit("A", n) for n in range(later, 400)]
+    assert batcher.waiting == 39 + len(small)
+    calls.go.set()
+    await within(asyncio.gather(*(entry.future for entry in entries)))
+    await within(batcher.drain())
+
+    keys = calls.keys
+    assert len(keys) == 40 + len(small)
+    for key in small:
+        # Among the calls started after its flush, its is among the first 6.
+        assert keys.index(key) - flushed_at < 6, f"{key} waited: {keys}"
+    assert keys[:7] == ["A", "A", "B", "C", "D", "E", "F"]
+    a_firsts = [
+        first for key, first in zip(keys, calls.firsts, strict=True) if key == "A"
+    ]
+    assert a_firsts == list(range(0, 400, 10)), "A's batches in flush order"
+
+
+async def test_within_a_key_batches_start_in_flush_order_while_keys_alternate() -> None:
+    calls = Calls()
+    batcher = batcher_of(calls, batch_size=2, max_calls=1)
+    entries = [batcher.submit("A", n) for n in range(8)]
+    entries += [batcher.submit("B", n) for n in range(100, 108)]
+    calls.go.set()
+    await within(asyncio.gather(*(entry.future for entry in entries)))
+    await within(batcher.drain())
+
+    # A's first call started at its flush; then A and B alternate, A's
+    # batches in flush order and B's in flush order; B's last two are
+    # alone.
+    assert list(zip(calls.keys, calls.firsts, strict=True)) == [
+        ("A", 0),
+        ("A", 2),
+        ("B", 100),
+        ("A", 4),
+        ("B", 102),
+        ("A", 6),
+        ("B", 104),
+        ("B", 106),
+    ]
+
+
+async def test_a_key_at_its_per_key_limit_lets_others_go_and_keeps_its_place() -> None:
+    calls = Calls(hold=True)
+    batcher = batcher_of(calls, batch_size=1, max_calls=2, max_calls_per_key=1)
+    entries = [batcher.submit(key, value) for key, value in [("A", "a1"), ("A", "a2")]]
+    # A is at its limit with a2 waiting: B's batch takes the free slot.
+    entries.append(batcher.submit("B", "b1"))
+    await within(calls.until(2))
+    assert calls.firsts == ["a1", "b1"]
+    assert batcher.waiting == 1
+    entries += [batcher.submit("C", "c1"), batcher.submit("B", "b2")]
+    assert batcher.waiting == 3
+
+    # a2 waited for its turn before c1 flushed: when a1 ends it goes first.
+    calls.release(0)
+    await within(calls.until(3))
+    assert calls.firsts[2] == "a2"
+    # b2 flushed after c1: c1 goes before it.
+    calls.release(1)
+    await within(calls.until(4))
+    assert calls.firsts[3] == "c1"
+    calls.release_all()
+    await within(asyncio.gather(*(entry.future for entry in entries)))
+    assert calls.firsts == ["a1", "b1", "a2", "c1", "b2"]
+    await within(batcher.drain())
+
+
+async def test_a_waiting_batch_whose_waiters_were_cancelled_leaves_its_turn() -> None:
+    calls = Calls(hold=True)
+    batcher = batcher_of(calls, batch_size=1, max_calls=1)
+    observer: Any = batcher._observer
+    a1, a2, b1, a3, c1 = (
+        batcher.submit(value[0].upper(), value)
+        for value in ("a1", "a2", "b1", "a3", "c1")
+    )
+    await within(calls.until(1))
+    assert batcher.waiting == 4
+    for entry in (a2, b1):  # b1 was all of B's turn
+        entry.future.cancel()
+        batcher.withdraw(entry)
+    assert batcher.waiting == 2
+    assert observer.queued.call_args_list[-1].args == ("t", 2)
+
+    calls.release_all()
+    await within(asyncio.gather(a1.future, a3.future, c1.future))
+    await within(batcher.drain())
+    assert calls.firsts == ["a1", "a3", "c1"]
+    assert a2.future.cancelled()
+    assert b1.future.cancelled()
+    assert batcher.waiting == 0
+    assert observer.queued.call_args_list[-1].args == ("t", 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_under_call_limits_every_batch_runs_once_in_its_keys_flush_order(
+    seed: int,
+) -> None:
+    """Random arrivals, call ends, cancellations and limit changes: none starves."""
+    rng = random.Random(seed)
+    calls = Calls(hold=True)
+    calls.go.set()
+    batcher = batcher_of(calls, batch_size=3, max_calls=2, max_calls_per_key=1)
+    entries: list[Entry[Any, None]] = []
+    cancelled: set[int] = set()
+    for value in range(600):
+        roll = rng.random()
+        if roll < 0.55:
+            key = rng.choices("ABCDEF", weights=[10, 1, 1, 1, 2, 3])[0]
+            entries.append(batcher.submit(key, value))
+        elif roll < 0.85:
+            running = [gate for gate in calls.gates if not gate.is_set()]
+            if running:
+                rng.choice(running).set()
+        elif roll < 0.95:
+            # An item of an open or waiting batch leaves; half the time, every
+            # item of its batch does.
+            unstarted = [
+                e for e in entries if e.batch.task is None and not e.future.done()
+            ]
+            if unstarted:
+                chosen = rng.choice(unstarted)
+                leaving = [chosen]
+                if rng.random() < 0.5:
+                    leaving = [e for e in chosen.batch.entries if not e.future.done()]
+                for entry in leaving:
+                    entry.future.cancel()
+                    batcher.withdraw(entry)
+                    cancelled.add(entry.value)
+        else:
+            batcher.configure(
+                dataclasses.replace(
+                    batcher.limits,
+                    max_calls=rng.choice([1, 2, 3, None]),
+                    max_calls_per_key=rng.choice([1, 2, None]),
+                )
+            )
+        await asyncio.sleep(0)
+
+    calls.release_all()
+    await within(batcher.drain())  # flushes the open batches too
+    live = [e.future for e in entries if e.value not in cancelled]
+    await within(asyncio.gather(*live))
+    assert batcher.waiting == 0
+    assert batcher.running == 0
+
+    started = calls.started
+    assert len(set(map(id, started))) == len(started), "no batch ran twice"
+    for key in "ABCDEF":
+        flushed = list(dict.fromkeys(e.batch for e in entries if e.batch.key == key))
+        ran = [batch for batch in flushed if batch.task is not None]
+        assert [b for b in started if b.key == key] == ran, f"{key}: flush order"
+        for batch in flushed:
+            if batch.task is None:  # dropped: every one of its waiters left
+                assert all(e.value in cancelled for e in batch.entries), batch
 
 
 # -- debounce ---------------------------------------------------------------

@@ -21,11 +21,29 @@ Invariants:
   (``debounce`` seconds without a new item; the adaptive rule, see `Limits`)
   and otherwise re-arm itself for the next moment it could be due. Items
   joining never touch the timer.
-- A flushed batch either runs or waits in `_waiting`, in flush order, for a
-  call slot (``max_calls`` for the batcher, ``max_calls_per_key`` per key);
-  a batch starts as soon as its slots are free, skipping waiting batches of
-  keys still at their limit. A waiting batch whose waiters were all cancelled
-  is dropped; a running one is cancelled.
+- A flushed batch either runs or waits for a call slot (``max_calls`` for
+  the batcher, ``max_calls_per_key`` per key) in its key's `_Turn`: the
+  key's waiting batches in flush order. A key has a turn exactly while it
+  has waiting batches, and ``waiting`` counts the batches of all turns.
+- Turns rotate (fair turns): each turn holds a ticket, and a free slot goes
+  to the oldest waiting batch of the ready turn with the lowest ticket. A
+  key gets a new ticket, the highest so far, when its turn opens and each
+  time one of its batches starts, so it goes to the back of the rotation.
+  A turn whose key is at ``max_calls_per_key`` is parked: it keeps its
+  ticket but is out of `_rotation` until one of the key's calls ends (or
+  `configure` raises the limit), so it neither blocks other keys nor loses
+  its place. `_rotation` is a heap holding one entry per ready turn, plus
+  stale entries of turns that ended or moved on (skipped when popped).
+  So with k keys waiting, every other key starts at most one batch before a
+  key's oldest waiting batch starts: it is among the next k starts, unless
+  its own key's limit parks it.
+- A batch starts at its flush only when no turn waits and its slots are
+  free; otherwise it joins its key's turn (and starts at once if that turn
+  is next and a slot is free). Every flush, call end and `configure` starts
+  what the free slots allow, so a batch waits only while some call runs (all
+  slots taken, or its key at its limit). A waiting batch whose waiters were
+  all cancelled is dropped (its turn ends when it was the last one); a
+  running one is cancelled.
 - A started batch runs in a task the batcher owns (kept in `_running`) until
   it ends; when that task ends, every entry's future is done: the run
   resolves them, and whatever it left unresolved fails with the run's error.
@@ -39,6 +57,8 @@ Invariants:
 import asyncio
 import contextvars
 import enum
+import heapq
+import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -173,6 +193,18 @@ class Batch(Generic[V, R]):
 RunBatch = Callable[[Batch[V, R]], Awaitable[None]]
 
 
+@dataclass(eq=False, slots=True)
+class _Turn(Generic[V, R]):
+    """One key's place in the rotation for call slots, and its waiting batches."""
+
+    ticket: int
+    """Its place in the rotation: the lowest ticket among ready turns goes next."""
+    batches: "deque[Batch[V, R]]" = field(default_factory=lambda: deque())
+    """Flushed batches of the key waiting for a call slot, in flush order."""
+    parked: bool = False
+    """Its key is at ``max_calls_per_key``: out of the rotation until a call ends."""
+
+
 @dataclass(slots=True)
 class Eagerness:
     """Shared by the batchers of one loop to skip timers while tests flush.
@@ -210,7 +242,12 @@ class Batcher(Generic[V, R]):
         self._run_batch = run
         self._loop = asyncio.get_running_loop()
         self._open: dict[Hashable, Batch[V, R]] = {}
-        self._waiting: deque[Batch[V, R]] = deque()
+        self._turns: dict[Hashable, _Turn[V, R]] = {}
+        self._rotation: list[tuple[int, Hashable]] = []
+        """A heap of (ticket, key) of the ready turns (and stale entries)."""
+        self._tickets = itertools.count()
+        self._waiting = 0
+        """The batches of all turns."""
         self._running: set[asyncio.Task[None]] = set()
         self._calls_per_key: Counter[Hashable] = Counter()
         self._arrivals: dict[Hashable, deque[float]] = {}
@@ -236,7 +273,7 @@ class Batcher(Generic[V, R]):
     @property
     def waiting(self) -> int:
         """Flushed batches waiting for a call slot."""
-        return len(self._waiting)
+        return self._waiting
 
     def submit(
         self,
@@ -297,6 +334,9 @@ class Batcher(Generic[V, R]):
         ``debounce``, ``adaptive``) applies to batches opened from now on.
         """
         self.limits = limits
+        for key, turn in self._turns.items():
+            turn.parked = self._at_key_limit(key)
+        self._rebuild_rotation()
         for batch in list(self._open.values()):
             if self._full(batch) is not None:
                 self._flush(batch, FlushReason.RECONFIGURED)
@@ -436,39 +476,70 @@ class Batcher(Generic[V, R]):
         batch.reason = reason
         if self._observer is not None:
             self._observer.flushed(self.name, reason, len(batch.entries))
-        if self._waiting or not self._has_slot(batch):
-            self._waiting.append(batch)
+        if self._turns or not self._has_slot(batch):
+            self._wait_for_turn(batch)
             self._report_waiting()
             self._start_waiting()
         else:
             self._start(batch)
 
     def _has_slot(self, batch: Batch[V, R]) -> bool:
-        limits = self.limits
-        if limits.max_calls is not None and len(self._running) >= limits.max_calls:
-            return False
-        per_key = limits.max_calls_per_key
-        return per_key is None or self._calls_per_key[batch.key] < per_key
+        return self._slot_free() and not self._at_key_limit(batch.key)
+
+    def _slot_free(self) -> bool:
+        max_calls = self.limits.max_calls
+        return max_calls is None or len(self._running) < max_calls
+
+    def _at_key_limit(self, key: Hashable) -> bool:
+        per_key = self.limits.max_calls_per_key
+        return per_key is not None and self._calls_per_key[key] >= per_key
+
+    def _wait_for_turn(self, batch: Batch[V, R]) -> None:
+        """Queue `batch` in its key's turn; a new turn joins the rotation's back."""
+        turn = self._turns.get(batch.key)
+        if turn is None:
+            turn = self._turns[batch.key] = _Turn(next(self._tickets))
+            self._take_place(batch.key, turn)
+        turn.batches.append(batch)
+        self._waiting += 1
+
+    def _take_place(self, key: Hashable, turn: _Turn[V, R]) -> None:
+        """Put `turn` in the rotation by its ticket, or park it at its key's limit."""
+        turn.parked = self._at_key_limit(key)
+        if not turn.parked:
+            heapq.heappush(self._rotation, (turn.ticket, key))
+
+    def _rebuild_rotation(self) -> None:
+        """The rotation of the ready turns alone, without stale entries."""
+        self._rotation = [
+            (turn.ticket, key) for key, turn in self._turns.items() if not turn.parked
+        ]
+        heapq.heapify(self._rotation)
 
     def _start_waiting(self) -> None:
-        """Start the waiting batches whose slots are free, in flush order."""
-        if not self._waiting:
-            return
+        """Start waiting batches while slots are free, taking turns by key."""
         started = False
-        for batch in list(self._waiting):
-            limits = self.limits
-            if limits.max_calls is not None and len(self._running) >= limits.max_calls:
-                break
-            if self._has_slot(batch):
-                self._waiting.remove(batch)
-                self._start(batch)
-                started = True
+        while self._rotation and self._slot_free():
+            ticket, key = heapq.heappop(self._rotation)
+            turn = self._turns.get(key)
+            if turn is None or turn.ticket != ticket or turn.parked:
+                continue  # stale: that turn ended or moved on
+            batch = turn.batches.popleft()
+            self._waiting -= 1
+            if turn.batches:
+                turn.ticket = next(self._tickets)
+            else:
+                del self._turns[key]
+            self._start(batch)
+            if turn.batches:
+                self._take_place(key, turn)
+            started = True
         if started:
             self._report_waiting()
 
     def _report_waiting(self) -> None:
         if self._observer is not None:
-            self._observer.queued(self.name, len(self._waiting))
+            self._observer.queued(self.name, self._waiting)
 
     def _start(self, batch: Batch[V, R]) -> None:
         task = self._loop.create_task(self._run(batch), context=batch.context)
@@ -482,6 +553,9 @@ class Batcher(Generic[V, R]):
             calls[batch.key] -= 1
             if calls[batch.key] <= 0:
                 del calls[batch.key]
+            turn = self._turns.get(batch.key)
+            if turn is not None and turn.parked:
+                self._take_place(batch.key, turn)
             self._start_waiting()
 
         task.add_done_callback(ended)
@@ -540,9 +614,17 @@ class Batcher(Generic[V, R]):
             return
         if batch.task is not None:
             batch.task.cancel()
-        elif batch in self._waiting:
-            self._waiting.remove(batch)
-            self._report_waiting()
+            return
+        turn = self._turns.get(batch.key)
+        if turn is None or batch not in turn.batches:
+            return
+        turn.batches.remove(batch)
+        self._waiting -= 1
+        if not turn.batches:
+            del self._turns[batch.key]  # its entry in the rotation goes stale
+            if len(self._rotation) > 2 * len(self._turns) + 64:
+                self._rebuild_rotation()
+        self._report_waiting()
 
 
 def _forget(arrivals: "deque[float]", before: float) -> None:

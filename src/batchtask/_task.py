@@ -682,7 +682,7 @@ def batch_task(
     :param weight: one validated item's weight (a finite number >= 0, e.g.
         its tokens or bytes); an item whose weight fails fails alone.
     :param max_concurrent_calls: most calls of this task running at once in
-        one worker process; full batches wait their turn in order.
+        one worker process; waiting batches take turns by group key.
     :param max_concurrent_calls_per_key: the same for the calls of one group
         key (other keys run meanwhile).
     :param debounce: also call a batch once no item joined it for this many
