@@ -43,14 +43,21 @@ below only looks a hook up by the fully qualified name mypy asks about.
 from collections.abc import Callable, Mapping
 from typing import Final, final
 
-from mypy.plugin import FunctionContext, MethodContext, MethodSigContext, Plugin
+from mypy.plugin import (
+    AttributeContext,
+    FunctionContext,
+    MethodContext,
+    MethodSigContext,
+    Plugin,
+)
 from mypy.types import FunctionLike, Type
 
-from batchtask_mypy._features import config, decorate
+from batchtask_mypy._features import config, decorate, entry
 
 _FunctionHook = Callable[[FunctionContext], Type]
 _MethodSignatureHook = Callable[[MethodSigContext], FunctionLike]
 _MethodHook = Callable[[MethodContext], Type]
+_AttributeHook = Callable[[AttributeContext], Type]
 
 _FUNCTION_HOOKS: Final[Mapping[str, _FunctionHook]] = {
     "batchtask._task.batch_task": config.check_batch_task,
@@ -68,6 +75,11 @@ _METHOD_HOOKS: Final[Mapping[str, _MethodHook]] = {
 }
 """``task.reconfigure(...)``: its literal settings."""
 
+_ATTRIBUTE_HOOKS: Final[Mapping[str, _AttributeHook]] = {
+    f"batchtask._task.BatchTask.{name}": entry.with_entry for name in entry.SENDERS
+}
+"""``task.kiq``: the item under the function's own parameter name."""
+
 
 @final
 class BatchTaskPlugin(Plugin):
@@ -84,6 +96,10 @@ class BatchTaskPlugin(Plugin):
     def get_method_hook(self, fullname: str) -> _MethodHook | None:
         """Check the literal settings given to ``task.reconfigure(...)``."""
         return _METHOD_HOOKS.get(fullname)
+
+    def get_attribute_hook(self, fullname: str) -> _AttributeHook | None:
+        """Give ``task.kiq`` the item under its own parameter name and kind."""
+        return _ATTRIBUTE_HOOKS.get(fullname)
 
 
 def plugin(version: str) -> type[Plugin]:
