@@ -18,28 +18,12 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from pytest_mypy_plugins.utils import render_template
+from _cases import MARKER, case_of, load_cases, write_cases
 
-HERE = Path(__file__).parent
-MARKER = re.compile(r"#\s*pyright-(reports|reveals):\s*(.+?)\s*(?=\s#\s|$)")
 REVEALED = re.compile(r'^Type of ".*" is "(?P<type>.*)"$', re.S)
-
-
-def load_cases() -> dict[str, str]:
-    """Each YAML case's source as pyright checks it, by ``file.case`` name."""
-    cases: dict[str, str] = {}
-    for path in sorted(HERE.glob("*.yml")):
-        for raw in yaml.safe_load(path.read_text()):
-            modes: list[dict[str, Any]] = raw.get("parametrized") or [{}]
-            params = next((m for m in modes if m.get("mypy") == "plain"), modes[0])
-            cases[f"{path.stem}.{raw['case']}"] = render_template(raw["main"], params)
-    return cases
-
 
 CASES = load_cases()
 
@@ -61,8 +45,7 @@ def expected(source: str) -> Counter[tuple[int, str]]:
 def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run pyright once over every case; its diagnostics by case name."""
     root = tmp_path_factory.mktemp("pyright")
-    for name, source in CASES.items():
-        (root / f"{name.replace('.', '__')}.py").write_text(source)
+    write_cases(CASES, root)
     (root / "pyrightconfig.json").write_text(
         json.dumps({"typeCheckingMode": "strict", "pythonVersion": "3.11"})
     )
@@ -89,8 +72,7 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.fail(f"pyright gave no JSON:\n{run.stdout}\n{run.stderr}")
     by_case: dict[str, Any] = {name: [] for name in CASES}
     for diagnostic in output["generalDiagnostics"]:
-        name = Path(diagnostic["file"]).stem.replace("__", ".")
-        by_case[name].append(diagnostic)
+        by_case[case_of(diagnostic["file"])].append(diagnostic)
     return by_case
 
 

@@ -16,17 +16,19 @@ how mypy types ``batch_task(...)`` and the function it decorates:
   item's result as exactly its element type (code ``batch-function``);
 - literal settings the runtime would reject are errors with code
   ``batch-config``, at ``batch_task(...)`` and at ``task.reconfigure(...)``:
-  a ``batch_size``, ``max_concurrent_calls`` or
-  ``max_concurrent_calls_per_key`` that is not an int >= 1, a
-  ``batch_timeout``, ``max_weight``, ``debounce`` or ``max_item_age`` that is
-  not a finite number > 0 (``0``, negative, ``True``, ``float("inf")``,
-  ``math.nan``...), a ``debounce`` not below ``batch_timeout`` (both literals
-  in the same call); at ``batch_task(...)`` also ``max_weight`` without
-  ``weight``, and a keyword within two edits of a setting's name
-  (``batch_timout=``), which the runtime refuses as a taskiq label;
-- ``weight=`` and ``dedup_key=`` at the decorator must take the function's
-  item (code ``batch-config``); a lambda there is checked with its parameter
-  typed as the item, so mypy reports the errors in its body
+  a ``batch_size``, ``max_concurrent_calls``,
+  ``max_concurrent_calls_per_key`` or ``max_attempts`` that is not an
+  int >= 1, a ``batch_timeout``, ``max_weight``, ``debounce``,
+  ``max_item_age`` or ``call_timeout`` that is not a finite number > 0
+  (``0``, negative, ``True``, ``float("inf")``, ``math.nan``...), a
+  ``retry_delay`` that is not a finite number >= 0, a ``debounce`` not below
+  ``batch_timeout`` (both literals in the same call); at ``batch_task(...)``
+  also ``max_weight`` without ``weight``, and a keyword within two edits of a
+  setting's name (``batch_timout=``), which the runtime refuses as a taskiq
+  label;
+- ``weight=``, ``dedup_key=`` and ``group_by=`` at the decorator must take the
+  function's item (code ``batch-config``); a lambda there is checked with its
+  parameter typed as the item, so mypy reports the errors in its body
   (``lambda doc: doc.tokenz``);
 - a generic batch function is typed with its type variables replaced by their
   bounds (an unbound ``list[T]`` takes items of any type).
@@ -41,14 +43,21 @@ below only looks a hook up by the fully qualified name mypy asks about.
 from collections.abc import Callable, Mapping
 from typing import Final, final
 
-from mypy.plugin import FunctionContext, MethodContext, MethodSigContext, Plugin
+from mypy.plugin import (
+    AttributeContext,
+    FunctionContext,
+    MethodContext,
+    MethodSigContext,
+    Plugin,
+)
 from mypy.types import FunctionLike, Type
 
-from batchtask_mypy._features import config, decorate
+from batchtask_mypy._features import config, decorate, entry
 
 _FunctionHook = Callable[[FunctionContext], Type]
 _MethodSignatureHook = Callable[[MethodSigContext], FunctionLike]
 _MethodHook = Callable[[MethodContext], Type]
+_AttributeHook = Callable[[AttributeContext], Type]
 
 _FUNCTION_HOOKS: Final[Mapping[str, _FunctionHook]] = {
     "batchtask._task.batch_task": config.check_batch_task,
@@ -66,6 +75,11 @@ _METHOD_HOOKS: Final[Mapping[str, _MethodHook]] = {
 }
 """``task.reconfigure(...)``: its literal settings."""
 
+_ATTRIBUTE_HOOKS: Final[Mapping[str, _AttributeHook]] = {
+    f"batchtask._task.BatchTask.{name}": entry.with_entry for name in entry.SENDERS
+}
+"""``task.kiq``: the item under the function's own parameter name."""
+
 
 @final
 class BatchTaskPlugin(Plugin):
@@ -82,6 +96,10 @@ class BatchTaskPlugin(Plugin):
     def get_method_hook(self, fullname: str) -> _MethodHook | None:
         """Check the literal settings given to ``task.reconfigure(...)``."""
         return _METHOD_HOOKS.get(fullname)
+
+    def get_attribute_hook(self, fullname: str) -> _AttributeHook | None:
+        """Give ``task.kiq`` the item under its own parameter name and kind."""
+        return _ATTRIBUTE_HOOKS.get(fullname)
 
 
 def plugin(version: str) -> type[Plugin]:

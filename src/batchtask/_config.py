@@ -3,10 +3,23 @@
 import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Generic, Literal, TypeAlias, TypedDict, TypeVar, get_args
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    TypeAlias,
+    TypedDict,
+    TypeVar,
+    get_args,
+)
 
 from batchtask._batcher import Limits
 from batchtask._errors import BatchConfigError
+
+if TYPE_CHECKING:
+    # For an annotation only: _retries stays free to import this module.
+    from batchtask._retries import DeadLetterTask
 
 ResultsMode: TypeAlias = Literal["shared", "per_item"]
 RESULTS_MODES: tuple[str, ...] = get_args(ResultsMode)
@@ -32,7 +45,7 @@ class BatchSettings(TypedDict, Generic[ItemT], total=False):
     retry_delay: float
     call_timeout: float | None
     group_by: Callable[[ItemT], Hashable] | None
-    dead_letter: Any
+    dead_letter: "DeadLetterTask | None"
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,17 @@ from batchtask.brokers import adapter_for
 if TYPE_CHECKING:
     from taskiq.scheduler.scheduled_task import CronSpec
 
+    _Method = TypeVar("_Method", bound=Callable[..., Any])
+
+    def _item_named(method: _Method) -> _Method:
+        """`method` as it is (see `BatchTask.kiq`).
+
+        mypy looks a decorated method up as an attribute, whose type its
+        plugin may adjust; a plain method's signature it may not.
+        """
+        return method
+
+
 logger = logging.getLogger("batchtask")
 
 ItemT = TypeVar("ItemT")
@@ -201,13 +212,30 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         """Call the batch function directly with a list of items."""
         return typing.cast(CallT, self.original_func(items, *args, **kwargs))
 
-    async def kiq(
-        self,
-        *args: EntryP.args,
-        **kwargs: EntryP.kwargs,
-    ) -> AsyncTaskiqTask[ResultT]:
-        """Send one item; the returned task resolves to that item's result."""
-        return await self.kicker().kiq(*args, **kwargs)
+    if TYPE_CHECKING:
+        # What type checkers and editors see: the item positional-only under
+        # the name "item" (Concatenate cannot name it), then the function's
+        # other parameters. The runtime method below takes the arguments in
+        # any form the function's signature binds, as the mypy plugin types
+        # them (the item under the function's own parameter name, from
+        # EntryP: batchtask_mypy._features.entry, hence the decorator).
+
+        @_item_named
+        async def kiq(
+            self, item: ItemT, /, *args: P.args, **kwargs: P.kwargs
+        ) -> AsyncTaskiqTask[ResultT]:
+            """Send one item; the returned task resolves to that item's result."""
+            ...
+
+    else:
+
+        async def kiq(
+            self,
+            *args: EntryP.args,
+            **kwargs: EntryP.kwargs,
+        ) -> AsyncTaskiqTask[ResultT]:
+            """Send one item; the returned task resolves to that item's result."""
+            return await self.kicker().kiq(*args, **kwargs)
 
     async def kiq_many(
         self,

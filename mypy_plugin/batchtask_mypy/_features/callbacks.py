@@ -1,4 +1,4 @@
-"""``weight=`` and ``dedup_key=`` checked against the decorated function's items."""
+"""``weight=``, ``dedup_key=``, ``group_by=`` checked against the function's items."""
 
 from mypy.checker import TypeChecker
 from mypy.messages import format_type
@@ -29,14 +29,18 @@ from batchtask_mypy._codes import BATCH_CONFIG
 
 _BATCH_TASK = "batchtask._task.batch_task"
 
-_RETURNS = {"weight": "builtins.float", "dedup_key": "typing.Hashable"}
+_RETURNS = {
+    "weight": "builtins.float",
+    "dedup_key": "typing.Hashable",
+    "group_by": "typing.Hashable",
+}
 """The settings that are functions of one item, and what each must return."""
 
 
 def check_callbacks(ctx: MethodSigContext, item: Type, name: str) -> None:
-    """Check the decorator's ``weight=`` / ``dedup_key=`` against `item`.
+    """Check the decorator's ``weight=``, ``dedup_key=``, ``group_by=`` against `item`.
 
-    The overloads type both ``Callable[[Any], ...]``, so mypy has checked
+    The overloads type them ``Callable[[Any], ...]``, so mypy has checked
     their arity and return type but not that they take this task's items.
     A lambda is checked again with its parameter typed as the item (mypy's
     own errors in its body, like a missing attribute or a wrong return type,

@@ -20,7 +20,7 @@ Number = int | float
 class _Rule:
     """What one numeric setting must be, as the runtime says it."""
 
-    kind: Literal["count", "seconds", "number"]
+    kind: Literal["count", "seconds", "number", "delay"]
     problem: str
     fix: str
 
@@ -31,12 +31,16 @@ class _Rule:
         if self.kind == "count":
             # A float is a type error mypy reports itself.
             return isinstance(value, int) and value < 1
+        if self.kind == "delay":
+            return not math.isfinite(value) or value < 0
         return not math.isfinite(value) or value <= 0
 
     def message(self, name: str, value: Number) -> str:
         """What is wrong with `value`, and the fix."""
         if self.kind == "count":
             rule = f"must be an int >= 1 ({self.problem})"
+        elif self.kind == "delay":
+            rule = f"must be a finite number of seconds >= 0; {self.problem}"
         else:
             unit = " of seconds" if self.kind == "seconds" else ""
             rule = f"must be a finite number{unit} > 0; {self.problem}"
@@ -76,6 +80,21 @@ _RULES = {
         "seconds",
         "seconds after sending after which an item is not passed any more",
         "pass e.g. max_item_age=3600",
+    ),
+    "max_attempts": _Rule(
+        "count",
+        "the most calls one item is passed to before its failure is final",
+        "pass e.g. max_attempts=5, or None for no retries",
+    ),
+    "retry_delay": _Rule(
+        "delay",
+        "a retried item waits this long before it joins a batch again",
+        "pass e.g. retry_delay=30.0, or 0 to retry in the next batch",
+    ),
+    "call_timeout": _Rule(
+        "seconds",
+        "a call running longer is cancelled and its items fail",
+        "pass e.g. call_timeout=30.0, or None for no limit",
     ),
 }
 """The runtime's rules (``batchtask._config``) for its numeric settings.
