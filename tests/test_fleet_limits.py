@@ -10,6 +10,7 @@ prints how often calls of one key overlapped then (the reference).
 
 import asyncio
 import itertools
+import os
 from collections import defaultdict
 
 import pytest
@@ -230,3 +231,56 @@ async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None
     assert stopped[0][2] - stopped[0][1] < 6, "well before its 8 s were up"
     assert [r.return_value for r in results] == [2 * v for v in range(10)]
     assert "could not be kept" in log
+
+
+async def test_a_call_is_not_made_without_its_lease() -> None:
+    """The server stops answering worker A while it holds a batch: A waits a
+    lease's lifetime, then gives the batch back unmade (a warning); worker B
+    claims the items once idle and runs each once."""
+    require_broker("stream")
+    queue = new_queue()
+    settings = {**SETTINGS, "BATCHTASK_BATCH_TIMEOUT": "2"}
+    async with Proxy(6379) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
+        with app_env(queue, **settings, **through) as env:
+            cut_off = start_worker(env, "--workers", "1", *RECEIVER)
+        other = None
+        try:
+            await wait_listening(cut_off)
+            with app_env(queue, **settings):
+                async with producer(queue) as app:
+                    tasks = [await app.one_writer.kiq(v, "k") for v in range(3)]
+                    await asyncio.sleep(1.0)  # buffered in A, its batch not due
+                    proxy.refuse(60)
+                    with app_env(queue, **settings) as env:
+                        other = start_worker(env, "--workers", "1", *RECEIVER)
+                    await wait_listening(other)
+
+                    async def all_processed() -> bool:
+                        return len(await processed(queue)) >= 3
+
+                    await until(all_processed, 90, "every item processed by B")
+
+                    async def a_gave_up() -> bool:
+                        return "has not answered" in worker_log(cut_off)
+
+                    await until(a_gave_up, 60, "A giving its batch back")
+                    await asyncio.sleep(1.0)
+                    calls = await stopped_and_done(queue)
+                    groups = {os.getpgid(int(pid)) for pid, *_ in calls}
+                    counts = await processed(queue)
+                    results = [await t.wait_result(timeout=60) for t in tasks]
+                    log = worker_log(cut_off)
+        finally:
+            kill(cut_off)
+            if other is not None:
+                kill(other)
+    print(
+        f"no lease: A warned {log.count('has not answered')} time(s); "
+        f"{len(calls)} call(s), all by B: {groups == {other.pid}}"
+    )
+    assert "has not answered" in log
+    assert groups == {other.pid}, "A made no call; B made them all"
+    assert all(how == "done" for *_, how in calls)
+    assert counts == {0: 1, 1: 1, 2: 1}
+    assert [r.return_value for r in results] == [0, 2, 4]

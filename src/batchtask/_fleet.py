@@ -8,9 +8,10 @@ every `BatchReceiver` worker on that broker, on every machine:
 
 - A lease is one of ``limit`` slots of a name (the task; the task and the
   group key), granted by the server with its own clock and an expiry
-  ``ttl`` ahead, and a fencing token (a counter that only grows). A full name
-  is asked again with a growing pause; a dead holder's slot comes free when
-  its lease expires.
+  ``ttl`` ahead, and a fencing token (a counter that only grows). Slots go
+  in the order processes first asked for them (a process that waits asks
+  again with a growing pause, at most `PAUSES`'s last apart), so no waiter
+  starves; a dead holder's slot comes free when its lease expires.
 - The holder renews its leases while the call runs. It counts its lease as
   valid only until ``ttl`` after it *sent* the request that granted or last
   renewed it (by its own monotonic clock: no clock is compared across
@@ -50,7 +51,7 @@ MARGIN = 1.5
 """Seconds before its lease could expire at which a holder stops its call."""
 ASK_TIMEOUT = 1.0
 """Seconds one request to the server may take before it counts as unanswered."""
-PAUSES = (0.02, 0.04, 0.08, 0.15, 0.25)
+PAUSES = (0.01, 0.02, 0.04, 0.08, 0.1)
 """Pauses between asks for a full name (the last one repeats)."""
 
 

@@ -257,6 +257,8 @@ class NativePath:
         ] = {}
         """Retried items waiting for their time, outside every batch (`_hold`)."""
         self._hold_limit = hold_limit(adapter)
+        self._keeper: asyncio.Task[None] | None = None
+        """Tells the broker which held deliveries are still worked on (`start`)."""
         server = adapter.lease_server()
         self.fleet: FleetLimits | None = None if server is None else FleetLimits(server)
         """Where calls of limited tasks take their leases (`batchtask._fleet`)."""
@@ -279,6 +281,11 @@ class NativePath:
         )
         self.redeliveries.backend = self.broker.result_backend
         self._checks_results = self.redeliveries.checks_results
+        window = self.adapter.redelivery_window()
+        if window is not None and self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep_alive(window[0])
+            )
 
     # -- arrival ---------------------------------------------------------
 
@@ -1043,8 +1050,33 @@ class NativePath:
         self._intakes.add(task)
         task.add_done_callback(self._intakes.discard)
 
+    async def _keep_alive(self, window: float) -> None:
+        """Keep the deliveries held here from counting as idle on the broker.
+
+        Every third of the redelivery window, the ones older than that are
+        named to the broker as still worked on.
+        """
+        period = max(window / 3, 0.2)
+        while True:
+            await asyncio.sleep(period)
+            old = time.time() - period
+            acks = [
+                item.ack
+                for item in self.redeliveries.held.values()
+                if not item.done and item.started < old and not item.acks.is_acked
+            ]
+            if not acks:
+                continue
+            try:
+                await asyncio.wait_for(self.adapter.keep(acks), period)
+            except Exception:  # the broker is away: it may redeliver them
+                logger.debug("batchtask: keeping %d deliveries failed", len(acks))
+
     def close(self) -> None:
         """Run every buffered batch now, hand held items back: no more will arrive."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         for batcher in self._batchers.values():
             batcher.close()
         held, self._held = self._held, {}

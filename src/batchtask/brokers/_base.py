@@ -163,6 +163,10 @@ class BrokerAdapter(Protocol):
         """Where call limits across the fleet keep their leases; None: per process."""
         ...
 
+    async def keep(self, acks: Sequence[RawAck | None]) -> None:
+        """Tell the server these deliveries are still worked on (not idle)."""
+        ...
+
     # -- the worker's life ---------------------------------------------------
     async def start(self) -> None:
         """A `BatchReceiver` starts listening: start what runs beside it."""
@@ -250,6 +254,9 @@ class PerMessage:
     def lease_server(self) -> LeaseServer | None:
         """No lease server: call limits hold per worker process."""
         return None
+
+    async def keep(self, acks: Sequence[RawAck | None]) -> None:
+        """Nothing to tell: the broker's redelivery, if any, is its own."""
 
     async def start(self) -> None:
         """Nothing runs beside the receiver."""

@@ -450,6 +450,31 @@ class StreamFamily(PerMessage):
         idle = self.idle_ms
         return idle / 1000, f"BatchReceiver(idle_timeout={idle})"
 
+    async def keep(self, acks: Sequence[Any]) -> None:
+        """``XCLAIM ... JUSTID`` to this consumer: the entries' idle time restarts.
+
+        Entries a `BatchReceiver` holds longer than the idle time (waiting
+        for a call slot of their key across the fleet, or in a long batch)
+        would otherwise be claimed by another consumer and run twice.
+        """
+        by_stream: dict[Any, list[Any]] = {}
+        for ack in acks:
+            if isinstance(ack, StreamAck):
+                by_stream.setdefault(ack.stream, []).append(ack.entry)
+        if not by_stream:
+            return
+        broker = self.stream
+        async with self.client() as client:
+            for stream, entries in by_stream.items():
+                await client.xclaim(
+                    stream,
+                    broker.consumer_group_name,
+                    broker.consumer_name,
+                    0,
+                    entries,
+                    justid=True,
+                )
+
     def lease_server(self) -> "StreamLeases | None":
         """Leases on the stream's server, unless the worker asked for none."""
         return StreamLeases(self) if self.options.fleet else None
@@ -486,18 +511,32 @@ def _data_of(fields: object) -> bytes | None:
 _ACQUIRE = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ms - tonumber(ARGV[4]))
+for _, gone in ipairs(stale) do
+  redis.call('ZREM', KEYS[3], gone)
+  redis.call('ZREM', KEYS[4], gone)
+end
+redis.call('ZADD', KEYS[3], 'NX', ms, ARGV[2])
+redis.call('ZADD', KEYS[4], ms, ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ttl * 2)
+redis.call('PEXPIRE', KEYS[4], ttl * 2)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+if free <= 0 or redis.call('ZRANK', KEYS[3], ARGV[2]) >= free then
   return 0
 end
-local ttl = tonumber(ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('ZADD', KEYS[1], ms + ttl, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 local token = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], 86400000)
 return token
 """
-"""Grant one of ARGV[1] slots of KEYS[1] to holder ARGV[2] for ARGV[3] ms."""
+"""Grant one of ARGV[1] slots of KEYS[1] to holder ARGV[2] for ARGV[3] ms, in
+the order holders first asked (KEYS[3], by first ask; KEYS[4], by latest ask:
+a holder that has not asked again for ARGV[4] ms leaves the queue)."""
 
 _RENEW = """
 local now = redis.call('TIME')
@@ -513,6 +552,10 @@ return 1
 """
 """Extend holder ARGV[1]'s unexpired lease of KEYS[1] by ARGV[2] ms."""
 
+QUEUE_STALE_MS = 3000
+"""A holder waiting for a lease that has not asked again for this long (it
+asks every quarter second at most, or gave up) leaves the queue."""
+
 LEASE_PREFIX = "batchtask:lease"
 """The prefix of the lease keys: ``batchtask:lease:{<name>}`` and ``...:fence``."""
 
@@ -525,32 +568,40 @@ class StreamLeases:
         self.family = family
 
     @staticmethod
-    def keys(name: str) -> tuple[str, str]:
-        """The sorted set of a lease name's holders, and its token counter."""
+    def keys(name: str) -> tuple[str, str, str, str]:
+        """A lease name's holders, token counter, and waiting queue (two sets)."""
         tagged = f"{LEASE_PREFIX}:{{{name}}}"
-        return tagged, f"{tagged}:fence"
+        return tagged, f"{tagged}:fence", f"{tagged}:queue", f"{tagged}:seen"
 
     async def acquire(self, name: str, limit: int, holder: str, ttl_ms: int) -> int:
-        """One of `limit` slots of `name`: a fencing token, or 0 if all are held."""
-        holders, fence = self.keys(name)
+        """One of `limit` slots of `name`, first come first served.
+
+        A fencing token, or 0 if all are held or others asked first.
+        """
         async with self.family.client() as client:
             granted = await client.eval(
-                _ACQUIRE, 2, holders, fence, limit, holder, ttl_ms
+                _ACQUIRE, 4, *self.keys(name), limit, holder, ttl_ms, QUEUE_STALE_MS
             )
         return int(granted)
 
     async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
         """Extend `holder`'s lease of `name`; False if it expired or is gone."""
-        holders, fence = self.keys(name)
+        holders, fence, _, _ = self.keys(name)
         async with self.family.client() as client:
             kept = await client.eval(_RENEW, 2, holders, fence, holder, ttl_ms)
         return int(kept) == 1
 
     async def release(self, name: str, holder: str) -> None:
         """Give the slot back at once."""
-        holders, _ = self.keys(name)
-        async with self.family.client() as client:
-            await client.zrem(holders, holder)
+        holders, _, queue, seen = self.keys(name)
+        async with (
+            self.family.client() as client,
+            client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.zrem(holders, holder)
+            pipe.zrem(queue, holder)
+            pipe.zrem(seen, holder)
+            await pipe.execute()
 
 
 def _text(value: object) -> str:

@@ -1,0 +1,145 @@
+"""`batchtask._fleet.FleetLimits` against an in-memory lease server.
+
+The worker tests (tests/test_fleet_limits.py) run it on Redis with real
+worker processes; these pin its rules down quickly: exclusion, renewal,
+stopping a call whose lease cannot be kept, and giving up on a silent server.
+"""
+
+import asyncio
+import time
+
+import pytest
+
+from batchtask._fleet import FleetLimits, LeaseUnavailable
+from tests.conftest import within
+
+
+class Server:
+    """Leases in memory, expiring by this process's clock (one process)."""
+
+    def __init__(self) -> None:
+        self.holders: dict[str, dict[str, float]] = {}
+        self.token = 0
+        self.renewals = 0
+        self.failing = False
+        self.silent = False
+        self.forget = False
+
+    async def _ask(self) -> None:
+        if self.silent:
+            await asyncio.sleep(3600)
+        if self.failing:
+            raise ConnectionError("down")
+
+    def _live(self, name: str) -> dict[str, float]:
+        now = time.monotonic()
+        held = self.holders.setdefault(name, {})
+        for holder in [h for h, until in held.items() if until <= now]:
+            del held[holder]
+        return held
+
+    async def acquire(self, name: str, limit: int, holder: str, ttl_ms: int) -> int:
+        await self._ask()
+        held = self._live(name)
+        if len(held) >= limit:
+            return 0
+        held[holder] = time.monotonic() + ttl_ms / 1000
+        self.token += 1
+        return self.token
+
+    async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
+        await self._ask()
+        self.renewals += 1
+        held = self._live(name)
+        if self.forget or holder not in held:
+            return False
+        held[holder] = time.monotonic() + ttl_ms / 1000
+        return True
+
+    async def release(self, name: str, holder: str) -> None:
+        await self._ask()
+        self._live(name).pop(holder, None)
+
+
+async def test_calls_of_one_key_never_overlap_and_renew_while_they_run() -> None:
+    server = Server()
+    fleet = FleetLimits(server, ttl=1.0)
+    running = 0
+    peak = 0
+
+    async def call() -> None:
+        nonlocal running, peak
+        async with fleet.calls("t", ("k",), None, 1):
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.3)
+            running -= 1
+
+    await within(asyncio.gather(*(call() for _ in range(5))), 20)
+    assert peak == 1
+    assert fleet.granted == 5
+    assert server.renewals >= 5, "each 0.3 s call renewed (every 0.2 s)"
+
+
+async def test_a_lease_that_cannot_be_renewed_stops_its_call_before_it_expires() -> (
+    None
+):
+    server = Server()
+    fleet = FleetLimits(server, ttl=1.0)
+    started = time.monotonic()
+
+    async def long_call() -> None:
+        async with fleet.calls("t", ("k",), 1, None):
+            server.forget = True  # the server no longer has the lease
+            await asyncio.sleep(30)
+
+    with pytest.raises(asyncio.CancelledError):
+        await within(asyncio.ensure_future(long_call()), 10)
+    assert time.monotonic() - started < 1.0, "stopped within the lease's ttl"
+    assert fleet.lost == 1
+
+
+async def test_a_silent_server_stops_the_call_before_the_lease_could_pass() -> None:
+    server = Server()
+    fleet = FleetLimits(server, ttl=1.0)
+    started = time.monotonic()
+    stopped_at = 0.0
+
+    async def long_call() -> None:
+        nonlocal stopped_at
+        async with fleet.calls("t", ("k",), None, 1):
+            server.silent = True
+            try:
+                await asyncio.sleep(30)
+            finally:
+                stopped_at = time.monotonic()
+
+    with pytest.raises(asyncio.CancelledError):
+        await within(asyncio.ensure_future(long_call()), 10)
+    # Granted at `started`; valid here until ttl less the margin (0.3 s).
+    assert stopped_at - started < 1.0 - 0.2, "stopped before the lease could pass"
+
+
+async def test_no_answer_for_a_leases_lifetime_means_no_call() -> None:
+    server = Server()
+    server.failing = True
+    fleet = FleetLimits(server, ttl=0.5)
+    ran = False
+
+    async def call() -> None:
+        nonlocal ran
+        async with fleet.calls("t", ("k",), None, 1):
+            ran = True
+
+    with pytest.raises(LeaseUnavailable):
+        await within(call(), 10)
+    assert not ran
+
+
+async def test_a_task_without_limits_takes_no_lease() -> None:
+    server = Server()
+    fleet = FleetLimits(server, ttl=1.0)
+    async with fleet.calls("t", ("k",), None, None):
+        pass
+    assert fleet.granted == 0
+    assert server.holders == {}
