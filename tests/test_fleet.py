@@ -2,16 +2,22 @@
 
 The worker tests (tests/test_fleet_limits.py) run it on Redis with real
 worker processes; these pin its rules down quickly: exclusion, renewal,
-stopping a call whose lease cannot be kept, and giving up on a silent server.
+stopping a call whose lease cannot be kept, and giving up on a silent server;
+and the Redis lease scripts on a Redis server, a Cluster and a Sentinel's
+master.
 """
 
 import asyncio
 import time
+import uuid
+from typing import Any
 
 import pytest
 
 from batchtask._fleet import FleetLimits, LeaseUnavailable
+from batchtask.brokers import adapter_for
 from tests.conftest import within
+from tests.workers import require_broker
 
 
 class Server:
@@ -143,3 +149,48 @@ async def test_a_task_without_limits_takes_no_lease() -> None:
         pass
     assert fleet.granted == 0
     assert server.holders == {}
+
+
+def _broker(kind: str) -> Any:
+    from taskiq_redis import (
+        RedisStreamBroker,
+        RedisStreamClusterBroker,
+        RedisStreamSentinelBroker,
+    )
+
+    if kind == "cluster":
+        return RedisStreamClusterBroker("redis://127.0.0.1:7001")
+    if kind == "sentinel":
+        return RedisStreamSentinelBroker([("127.0.0.1", 26379)], "batchtask")
+    return RedisStreamBroker("redis://127.0.0.1:6379")
+
+
+@pytest.mark.parametrize("kind", ["stream", "cluster", "sentinel"])
+async def test_redis_leases_exclude_fence_and_queue_first_come_first_served(
+    kind: str,
+) -> None:
+    """`StreamLeases` on each Redis stream family: a full name grants nothing,
+    tokens only grow, the process that asked first gets the next slot, and
+    a lease that expired on the server cannot be renewed."""
+    require_broker(kind)
+    broker = _broker(kind)
+    leases = adapter_for(broker).lease_server()
+    assert leases is not None
+    name = f"test:{uuid.uuid4().hex[:8]}"
+    try:
+        first = await leases.acquire(name, 1, "a", 5000)
+        assert first > 0
+        assert await leases.acquire(name, 1, "b", 5000) == 0, "full"
+        assert await leases.acquire(name, 1, "c", 5000) == 0, "full, c after b"
+        assert await leases.renew(name, "a", 5000)
+        await leases.release(name, "a")
+        assert await leases.acquire(name, 1, "c", 5000) == 0, "b asked first"
+        second = await leases.acquire(name, 1, "b", 5000)
+        assert second > first, "fencing tokens only grow"
+        await leases.release(name, "b")
+        third = await leases.acquire(name, 1, "c", 300)
+        assert third > second
+        await asyncio.sleep(0.5)
+        assert not await leases.renew(name, "c", 300), "expired on the server"
+    finally:
+        await broker.shutdown()
