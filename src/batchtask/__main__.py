@@ -1,4 +1,4 @@
-"""``python -m batchtask check app.tasks:broker``: see `batchtask._cli`."""
+"""``python -m batchtask check|reconfigure ...``: see `batchtask._cli`."""
 
 import sys
 

@@ -1,9 +1,15 @@
-"""``python -m batchtask check``: a worker's start-up warnings, without a worker."""
+"""``python -m batchtask``: ``check`` and ``reconfigure``.
+
+``check`` prints a worker's start-up warnings without a worker;
+``reconfigure`` sends a settings change to every worker process.
+"""
 
 import argparse
+import asyncio
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 import shlex
 import sys
@@ -17,8 +23,9 @@ from taskiq import AcknowledgeType, AsyncBroker
 from taskiq.cli.worker.args import WorkerArgs
 from taskiq.receiver import Receiver
 
-from batchtask import _lifecycle
+from batchtask import _lifecycle, _notices
 from batchtask._config import BatchConfig
+from batchtask._errors import BatchConfigError
 from batchtask.worker import BatchReceiver
 
 OK = 0
@@ -117,6 +124,8 @@ def main(
         parsed = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0), or a usage error (2) on stderr
         return stop.code if isinstance(stop.code, int) else USAGE
+    if parsed.command == "reconfigure":
+        return _reconfigure(parsed, out, err)
     options = Options(
         target=parsed.target,
         modules=list(parsed.modules),
@@ -458,6 +467,59 @@ def _whole_number(text: str) -> int:
     return number
 
 
+def _reconfigure(parsed: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``python -m batchtask reconfigure``: send one change to every worker."""
+    try:
+        _add_import_paths(parsed.app_dir)
+        broker = _load_broker(parsed.target)
+        for module in parsed.modules:
+            _import(module, f"task module {module!r}", _TASK_MODULE_FAILS)
+        changes = dict(_setting(text) for text in parsed.changes)
+        config = _lifecycle.batch_tasks(broker).get(parsed.task)
+        if config is not None:
+            try:
+                config.changed(parsed.task, changes)
+            except BatchConfigError as error:
+                raise UsageError(str(error), "send a valid value") from error
+        try:
+            listening = asyncio.run(
+                _notices.publish(broker, _notices.encode(parsed.task, changes))
+            )
+        except (RuntimeError, TypeError) as error:
+            raise UsageError(str(error), "see docs/fleets.md") from error
+        except Exception as error:
+            raise UsageError(
+                f"sending the change failed: {type(error).__name__}: {error}",
+                "check that the broker's server answers",
+            ) from error
+    except UsageError as error:
+        err.write(f"batchtask reconfigure: error: {error.problem}\n")
+        err.write(f"batchtask reconfigure: fix: {error.fix}\n")
+        return USAGE
+    checked = "" if config is not None else " (not checked here: no such task known)"
+    out.write(
+        f"sent {parsed.task}: {changes!r}{checked} to {listening} listening "
+        f"worker process(es)\n"
+    )
+    return OK
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``key=value``; the value as JSON (``3``, ``0.5``, ``true``, ``null``)."""
+    key, _, raw = text.partition("=")
+    if not key or not _:
+        raise UsageError(
+            f"a change must be given as key=value, got {text!r}",
+            "pass e.g. batch_size=200 or debounce=null",
+        )
+    spelled = {"True": "true", "False": "false", "None": "null"}.get(raw, raw)
+    try:
+        value: object = json.loads(spelled)
+    except ValueError:
+        value = raw
+    return key, value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m batchtask",
@@ -517,6 +579,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="the worker's --receiver_arg, repeatable (e.g. max_buffered=5000, "
         "group_writes=false)",
+    )
+    reconfigure = commands.add_parser(
+        "reconfigure",
+        help="change a batch task's settings in every worker process of a broker",
+        description=(
+            "Send a settings change (as BatchTask.reconfigure takes it) to every "
+            "worker process following the broker's notices (the Redis stream "
+            "brokers); each applies it within about a second."
+        ),
+        epilog="example: python -m batchtask reconfigure app.tasks:broker "
+        "app.tasks:save batch_size=200 debounce=null",
+    )
+    reconfigure.add_argument("target", metavar="module:broker", help="the broker")
+    reconfigure.add_argument("task", metavar="TASK", help="the batch task's name")
+    reconfigure.add_argument(
+        "changes", nargs="+", metavar="KEY=VALUE", help="settings, values as JSON"
+    )
+    reconfigure.add_argument(
+        "--import",
+        dest="modules",
+        action="append",
+        default=[],
+        metavar="module",
+        help="a module defining the task, imported to check the change first",
+    )
+    reconfigure.add_argument(
+        "--app-dir", "-d", default=None, metavar="DIR", help="as taskiq worker's"
     )
     check.add_argument(
         "--max-buffered",

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
 
-from batchtask import _checks, _grouping, _retries
+from batchtask import _checks, _grouping, _notices, _retries
 from batchtask._batcher import (
     Batcher,
     Eagerness,
@@ -257,6 +257,7 @@ def _make_startup(broker: AsyncBroker) -> Callable[[TaskiqState], None]:
             batcher.open()
         if not broker.is_worker_process:
             return
+        _notices.start(broker)
         warnings, note = start_report(broker, sys.argv)
         for warning in warnings:
             logger.warning(warning)
@@ -278,6 +279,7 @@ def _make_shutdown(broker: AsyncBroker) -> Callable[[TaskiqState], Any]:
         here = _here()
         here.closed.add(broker)
         here.release_holds()
+        await _notices.stop(broker)
         for batcher in here.of(broker):
             await batcher.drain()
         # A receiver that stopped on an error left its message tasks behind:

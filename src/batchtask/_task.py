@@ -51,7 +51,7 @@ from taskiq.message import TaskiqMessage
 from taskiq.scheduler.created_schedule import CreatedSchedule
 from taskiq.utils import maybe_awaitable
 
-from batchtask import _lifecycle, _spans
+from batchtask import _lifecycle, _notices, _spans
 from batchtask._batcher import Batch, Batcher, RunBatch
 from batchtask._bulk import kick_many
 from batchtask._config import (
@@ -202,6 +202,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             )
         self.labels: dict[str, Any] = registered.labels
         _lifecycle.watch(broker, self.task_name, config)
+        _notices.register(broker, self.task_name, self.reconfigure)
         stamp_send_time(broker, self.task_name)
         adapter_for(broker).registered()
         functools.update_wrapper(self, func)
@@ -446,6 +447,26 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 batcher.configure(limits)
             else:
                 loop.call_soon_threadsafe(batcher.configure, limits)
+
+    async def reconfigure_fleet(self, **changes: Unpack[BatchSettings[ItemT]]) -> int:
+        """`reconfigure` here and in every worker process of the broker.
+
+        Checked here first (a bad change raises and is sent nowhere), applied
+        here, then sent on the broker's notice channel: each worker process
+        applies it on arrival, within about a second (the Redis stream
+        brokers; ``python -m batchtask reconfigure`` sends the same from a
+        shell). Only plain values travel (numbers, booleans, strings, None).
+
+        :returns: how many worker processes were listening.
+        :raises BatchConfigError: on a bad setting; nothing changes then.
+        :raises TypeError: for a function (``weight=``, ``group_by=``, ...).
+        :raises RuntimeError: if the broker has no notice channel.
+        """
+        notice = _notices.encode(self.task_name, changes)
+        self.config.changed(self.task_name, changes)
+        listening = await _notices.publish(self.broker, notice)
+        self.reconfigure(**changes)
+        return listening
 
     def _runs_in_place(self) -> bool:
         return adapter_for(self.broker).runs_in_place()

@@ -86,6 +86,18 @@ class LeaseServer(Protocol):
         ...
 
 
+class Notices(Protocol):
+    """A channel to every worker process of a broker (`batchtask._notices`)."""
+
+    async def publish(self, data: bytes) -> int:
+        """Send `data` to every subscriber now; how many there were."""
+        ...
+
+    def subscribe(self) -> AsyncIterator[bytes]:
+        """What is published from now on, until cancelled (or the link drops)."""
+        ...
+
+
 class UnackedCap(NamedTuple):
     """A broker's cap on the messages one consumer holds unacknowledged."""
 
@@ -165,6 +177,10 @@ class BrokerAdapter(Protocol):
 
     async def keep(self, acks: Sequence[RawAck | None]) -> None:
         """Tell the server these deliveries are still worked on (not idle)."""
+        ...
+
+    def notices(self) -> Notices | None:
+        """The channel settings changes reach every worker process on, if any."""
         ...
 
     # -- the worker's life ---------------------------------------------------
@@ -257,6 +273,10 @@ class PerMessage:
 
     async def keep(self, acks: Sequence[RawAck | None]) -> None:
         """Nothing to tell: the broker's redelivery, if any, is its own."""
+
+    def notices(self) -> Notices | None:
+        """No channel: settings change per process."""
+        return None
 
     async def start(self) -> None:
         """Nothing runs beside the receiver."""

@@ -475,6 +475,14 @@ class StreamFamily(PerMessage):
                     justid=True,
                 )
 
+    def notices(self) -> "StreamNotices":
+        """``PUBLISH`` / ``SUBSCRIBE`` on the stream's server."""
+        return StreamNotices(self)
+
+    def notice_client(self) -> AbstractAsyncContextManager[Any]:
+        """A client that can publish and subscribe (a cluster's: one node)."""
+        return self.client()
+
     def lease_server(self) -> "StreamLeases | None":
         """Leases on the stream's server, unless the worker asked for none."""
         return StreamLeases(self) if self.options.fleet else None
@@ -602,6 +610,41 @@ class StreamLeases:
             pipe.zrem(queue, holder)
             pipe.zrem(seen, holder)
             await pipe.execute()
+
+
+NOTICE_PREFIX = "batchtask:notices"
+"""The notice channel of a stream: ``batchtask:notices:<stream>``."""
+
+
+class StreamNotices:
+    """Settings changes for every worker of a stream, by Redis pub/sub."""
+
+    def __init__(self, family: StreamFamily) -> None:
+        """Publish and subscribe where `family`'s stream is."""
+        self.family = family
+
+    @property
+    def channel(self) -> str:
+        """The channel's name."""
+        return f"{NOTICE_PREFIX}:{_text(self.family.stream.queue_name)}"
+
+    async def publish(self, data: bytes) -> int:
+        """``PUBLISH``: how many subscribers got it."""
+        async with self.family.notice_client() as client:
+            return int(await client.publish(self.channel, data))
+
+    async def subscribe(self) -> AsyncIterator[bytes]:
+        """``SUBSCRIBE``, then each message's data as it comes."""
+        async with self.family.notice_client() as client:
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if message.get("type") == "message" and isinstance(data, bytes):
+                        yield data
+            finally:
+                await pubsub.aclose()
 
 
 def _text(value: object) -> str:

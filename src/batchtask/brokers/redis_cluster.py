@@ -9,6 +9,8 @@ idle_timeout=MS`` (default 600000). ``RedisAsyncClusterResultBackend``
 stores one loop turn's results in one pipeline (a script cannot span nodes).
 """
 
+import contextlib
+from collections.abc import AsyncGenerator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
@@ -34,6 +36,10 @@ class RedisCluster(StreamFamily):
         """The broker's cluster client (kept open: it is the broker's)."""
         return kept(self.stream.redis)
 
+    def notice_client(self) -> AbstractAsyncContextManager[Any]:
+        """A client of one node: a cluster's ``PUBLISH`` reaches every node."""
+        return _node_client(self.stream.redis)
+
     def changes(self) -> list[str]:
         """What the reader and grouped writes need and did not find."""
         from taskiq_redis import RedisAsyncClusterResultBackend
@@ -54,3 +60,17 @@ def cluster_writer(backend: AsyncResultBackend[Any]) -> ResultWriter:
         return await pipelined_sets(cluster.redis, cluster, requests)
 
     return write
+
+
+@contextlib.asynccontextmanager
+async def _node_client(cluster: Any) -> AsyncGenerator[Any]:
+    """A plain client of `cluster`'s first node, closed after one use."""
+    from redis.asyncio import Redis
+
+    await cluster.initialize()
+    node = cluster.get_default_node()
+    client = Redis(host=node.host, port=node.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
