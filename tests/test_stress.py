@@ -85,8 +85,9 @@ pytest or set ``BATCHTASK_STRESS=1``::
 ``--hypothesis-show-statistics`` shows how many examples retried an item,
 sent a dead letter, timed a call out or grouped by ``group_by``.
 
-A --stress run takes about 7-8 minutes on 2 cores, mostly sleeping through
-pauses, batch timeouts and calls waiting for a call slot; past pytest's
+A --stress run takes about 8 minutes on 2 cores, mostly sleeping through
+pauses, batch timeouts, retry delays, timed-out calls and calls waiting for
+a call slot; past pytest's
 ``faulthandler_timeout`` (120 s) it prints a stack dump that is not a
 failure (``-o faulthandler_timeout=0`` turns it off).
 """
