@@ -31,9 +31,10 @@ Reconfigure = Callable[..., None]
 RESUBSCRIBE_AFTER = 1.0
 """Seconds before a dropped subscription is made again."""
 
-_tasks: "weakref.WeakKeyDictionary[AsyncBroker, dict[str, Reconfigure]]" = (
-    weakref.WeakKeyDictionary()
-)
+_Held = dict[str, "weakref.WeakMethod[Reconfigure]"]
+_tasks: "weakref.WeakKeyDictionary[AsyncBroker, _Held]" = weakref.WeakKeyDictionary()
+"""Each broker's batch tasks' ``reconfigure``, held weakly: a strong one would
+keep the task, and through it the broker (this dict's key), alive forever."""
 _followers: "weakref.WeakKeyDictionary[AsyncBroker, asyncio.Task[None]]" = (
     weakref.WeakKeyDictionary()
 )
@@ -41,7 +42,7 @@ _followers: "weakref.WeakKeyDictionary[AsyncBroker, asyncio.Task[None]]" = (
 
 def register(broker: AsyncBroker, task_name: str, reconfigure: Reconfigure) -> None:
     """Apply the notices for `task_name` on `broker` with `reconfigure`."""
-    _tasks.setdefault(broker, {})[task_name] = reconfigure
+    _tasks.setdefault(broker, {})[task_name] = weakref.WeakMethod(reconfigure)
 
 
 def encode(task_name: str, changes: Mapping[str, object]) -> bytes:
@@ -131,7 +132,8 @@ def apply(broker: AsyncBroker, notice: bytes) -> None:
     except (ValueError, KeyError, TypeError):
         logger.warning("batchtask: ignoring a malformed settings notice %r", notice)
         return
-    reconfigure = _tasks.get(broker, {}).get(task_name)
+    held = _tasks.get(broker, {}).get(task_name)
+    reconfigure = None if held is None else held()
     if reconfigure is None:
         return  # a task this process does not serve
     try:
