@@ -45,8 +45,9 @@ SETTINGS = {
 }
 
 
-async def spans(queue: str) -> list[tuple[str, float, float, str]]:
-    """Each call: its key, start, end (or when it was stopped) and values."""
+async def listed(queue: str) -> list[tuple[str, float, float, str, str, str]]:
+    """Each call as ``app:one_writer`` lists it: key, start, end (or when it
+    was stopped), pid, values, and whether it was done or stopped."""
     client = redis.from_url(REDIS_URL)
     try:
         raw = await client.lrange(f"{queue}:spans", 0, -1)
@@ -54,9 +55,14 @@ async def spans(queue: str) -> list[tuple[str, float, float, str]]:
         await client.aclose()
     calls = []
     for entry in raw:
-        key, start, end, _pid, values, _how = entry.decode().split(":")
-        calls.append((key, float(start), float(end), values))
+        key, start, end, pid, values, how = entry.decode().split(":")
+        calls.append((key, float(start), float(end), pid, values, how))
     return calls
+
+
+async def spans(queue: str) -> list[tuple[str, float, float, str]]:
+    """Each call: its key, start, end (or when it was stopped) and values."""
+    return [(k, s, e, values) for k, s, e, _, values, _ in await listed(queue)]
 
 
 def overlaps(calls: list[tuple[str, float, float, str]]) -> int:
@@ -162,16 +168,8 @@ async def test_one_writer_per_key_holds_when_a_machine_is_killed() -> None:
 
 
 async def stopped_and_done(queue: str) -> list[tuple[str, float, float, str, str]]:
-    client = redis.from_url(REDIS_URL)
-    try:
-        raw = await client.lrange(f"{queue}:spans", 0, -1)
-    finally:
-        await client.aclose()
-    calls = []
-    for entry in raw:
-        _key, start, end, pid, values, how = entry.decode().split(":")
-        calls.append((pid, float(start), float(end), values, how))
-    return calls
+    """Each call: its pid, start, end, values, and done or stopped."""
+    return [(p, s, e, v, how) for _, s, e, p, v, how in await listed(queue)]
 
 
 async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None:

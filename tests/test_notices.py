@@ -68,40 +68,28 @@ async def test_a_function_cannot_travel_and_a_bad_value_sends_nothing() -> None:
 def test_the_command_line_sends_a_change() -> None:
     require_broker("stream")
     env = {**os.environ, "BATCHTASK_BROKER": "stream", "BATCHTASK_QUEUE": new_queue()}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "batchtask",
-            "reconfigure",
-            "tests.worker_app.app:broker",
-            "app:double",
-            "batch_size=7",
-            "debounce=null",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+
+    def reconfigure(*changes: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "batchtask",
+                "reconfigure",
+                "tests.worker_app.app:broker",
+                "app:double",
+                *changes,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+
+    done = reconfigure("batch_size=7", "debounce=null")
     assert done.returncode == 0, done.stderr
     assert "sent app:double: {'batch_size': 7, 'debounce': None}" in done.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "batchtask",
-            "reconfigure",
-            "tests.worker_app.app:broker",
-            "app:double",
-            "batch_size=0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    bad = reconfigure("batch_size=0")
     assert bad.returncode == 2
     assert "batch_size=0" in bad.stderr

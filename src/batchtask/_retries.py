@@ -175,20 +175,17 @@ async def settle_retries(
         settled[index] = Outcome(final)
         if config.dead_letter is not None:
             letters.append((message, attempts, final))
-    if again:
-        sent = await _send_again(broker, again)
+    if again and await _send_again(broker, again):
         for retry in again:
-            if sent:
-                settled[retry.at] = Outcome(NoResultError())
-        if sent and observer is not None:
+            settled[retry.at] = Outcome(NoResultError())
+        if observer is not None:
             observer.retried(task_name, len(again))
-        if sent:
-            logger.info(
-                "batch task %s: %d item(s) sent again (attempt %s)",
-                task_name,
-                len(again),
-                ", ".join(sorted({str(r.attempts + 1) for r in again})),
-            )
+        logger.info(
+            "batch task %s: %d item(s) sent again (attempt %s)",
+            task_name,
+            len(again),
+            ", ".join(sorted({str(r.attempts + 1) for r in again})),
+        )
     if letters:
         await _dead_letters(config.dead_letter, task_name, letters)
         if observer is not None:
@@ -198,10 +195,9 @@ async def settle_retries(
 
 async def _send_again(broker: AsyncBroker, again: Sequence[_Again]) -> bool:
     """Send each item's message again with its attempt and its time; all or none."""
-    adapter = adapter_for(broker)
-    native_delay = adapter.delays()
+    native_delay = adapter_for(broker).delays()
     now = time.time()
-    copies: list[BrokerMessage] = []
+    copies: list[TaskiqMessage] = []
     for retry in again:
         labels = dict(retry.message.labels)
         labels[ATTEMPT] = str(retry.attempts)
@@ -211,15 +207,23 @@ async def _send_again(broker: AsyncBroker, again: Sequence[_Again]) -> bool:
             labels[NOT_BEFORE] = f"{now + retry.delay:.3f}"
             if native_delay:
                 labels["delay"] = f"{retry.delay:g}"
-        copy = retry.message.model_copy(update={"labels": labels})
-        copies.append(broker.formatter.dumps(copy))
+        copies.append(retry.message.model_copy(update={"labels": labels}))
+    return await _resend(
+        broker, copies, "sending %d item(s) again failed; their failure is final"
+    )
+
+
+async def _resend(
+    broker: AsyncBroker, messages: Sequence[TaskiqMessage], failure: str
+) -> bool:
+    """Kick `messages`; all or none (a failure is logged with `failure`)."""
     try:
-        await _kick(adapter, copies)
-    except Exception:
-        logger.exception(
-            "batchtask: sending %d item(s) again failed; their failure is final",
-            len(copies),
+        await _kick(
+            adapter_for(broker),
+            [broker.formatter.dumps(message) for message in messages],
         )
+    except Exception:
+        logger.exception("batchtask: " + failure, len(messages))
         return False
     return True
 
@@ -261,18 +265,9 @@ async def hand_back(broker: AsyncBroker, messages: Sequence[TaskiqMessage]) -> b
     """Send held messages again as they are (their time still ahead); all or none."""
     if not messages:
         return True
-    try:
-        await _kick(
-            adapter_for(broker),
-            [broker.formatter.dumps(message) for message in messages],
-        )
-    except Exception:
-        logger.exception(
-            "batchtask: handing %d held item(s) back to the broker failed",
-            len(messages),
-        )
-        return False
-    return True
+    return await _resend(
+        broker, messages, "handing %d held item(s) back to the broker failed"
+    )
 
 
 async def _dead_letters(
