@@ -36,10 +36,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Hashable
+from collections.abc import AsyncGenerator, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from batchtask.brokers._base import LeaseServer
+from batchtask.brokers._base import LeaseServer, RouteServer
 
 logger = logging.getLogger("batchtask")
 
@@ -216,3 +217,237 @@ class FleetLimits:
 def key_digest(key: Hashable) -> str:
     """A group key as every process names it (``repr``, not the salted ``hash``)."""
     return hashlib.sha1(repr(key).encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+# -- batches that fill across the fleet ---------------------------------------
+
+MEMBER_TTL = 5.0
+"""Seconds a worker process stays a member of the fleet without a heartbeat."""
+BEAT_EVERY = 1.0
+"""Seconds between two heartbeats of one worker process."""
+HOT_FOR = 3
+"""Batch windows a key stays hot here after a window that filled a batch."""
+RECLAIM_COUNT = 500
+"""Entries of a dead member's inbox moved back to the queue per round trip."""
+
+
+def rendezvous(member: str, key: str) -> int:
+    """`member`'s score for `key`: the member with the highest owns the key."""
+    digest = hashlib.blake2b(
+        f"{member}\0{key}".encode(), digest_size=8, usedforsecurity=False
+    ).digest()
+    return int.from_bytes(digest, "big")
+
+
+def owner_of(members: Sequence[str], key: str) -> str:
+    """The member that owns `key`, by rendezvous hashing.
+
+    A join or a leave moves only the keys the joining member wins or the
+    leaving one held.
+    """
+    return max(members, key=lambda member: rendezvous(member, key))
+
+
+def route_key(task_name: str, args: Sequence[object], kwargs: dict[str, Any]) -> str:
+    """What a message of `task_name` is routed by: its arguments after the item.
+
+    Read from the message as sent (JSON values): every process names it the
+    same way. It is coarser than the batch key at worst (a ``group_by``
+    splits a route into batches at its owner), never finer.
+    """
+    return f"{task_name}\0{args[1:]!r}\0{sorted(kwargs.items())!r}"
+
+
+@dataclass(slots=True)
+class _Rate:
+    """Arrivals of one route in this process, per batch window."""
+
+    since: float
+    count: int
+    window: float
+    hot_until: float = 0.0
+
+
+class Router:
+    """Sends each delivery to the one worker process that batches its key.
+
+    Every `BatchReceiver` worker process on a broker with a `RouteServer`
+    is a member of the fleet: it renews its membership every `BEAT_EVERY`
+    seconds, for `MEMBER_TTL` (the server's clock). Each route (a batch
+    task and its arguments after the item) has an owner among the live
+    members (rendezvous hashing, `owner_of`). A delivery whose owner is
+    another member moves to that member's inbox, acked here in the same
+    atomic step (nothing is lost, nothing is doubled); the owner reads its
+    inbox with the queue, so its batches fill from the whole fleet's items.
+
+    - **No funnel**: a route that fills a batch within one batch window in
+      this process alone is hot here and stays here (for `HOT_FOR`
+      windows after the last such window): a key hot enough for every
+      process is batched by every process.
+    - **Moving never loops**: only first deliveries from the shared queue
+      move; what arrives in an inbox is batched where it arrives.
+    - **A member that dies**: once its membership expires, the next member
+      to beat moves its inbox back to the queue (unacknowledged entries
+      included: at least once), in rounds of `RECLAIM_COUNT`.
+    - **A member cut off**: while it has not got a heartbeat through for
+      ``MEMBER_TTL - MARGIN`` seconds, it moves nothing and batches what it
+      receives (per process), with a warning; the others stop sending to it
+      once its membership expires.
+    - **Leaving**: at shutdown, after its batches are drained, a member
+      moves what is left in its inbox back to the queue and leaves.
+    """
+
+    def __init__(self, server: RouteServer, *, ttl: float = MEMBER_TTL) -> None:
+        """Route through `server`; membership lasts `ttl` seconds unrenewed."""
+        self.server = server
+        self.ttl = ttl
+        self.beat_every = min(BEAT_EVERY, ttl / 5)
+        self.member = f"{_PROCESS}:{uuid.uuid4().hex[:6]}"
+        self.members: tuple[str, ...] = ()
+        """The live members as last seen (empty: not routing)."""
+        self.valid_until = 0.0
+        """Monotonic time until which `members` is trusted."""
+        self._owners: dict[str, str] = {}
+        self._rates: dict[str, _Rate] = {}
+        self._beating: asyncio.Task[None] | None = None
+        self._warned_at = -1e9
+        self.forwarded = 0
+        """Deliveries moved to another member so far."""
+        self.reclaimed = 0
+        """Entries of dead members' inboxes moved back to the queue so far."""
+
+    def route(self, key: str, batch_size: int, batch_timeout: float) -> str | None:
+        """The member to send a delivery of route `key` to; None: batch it here."""
+        now = time.monotonic()
+        rate = self._rates.get(key)
+        if rate is None:
+            rate = self._rates[key] = _Rate(now, 0, batch_timeout)
+        elif now - rate.since >= batch_timeout:
+            rate.since, rate.count, rate.window = now, 0, batch_timeout
+        rate.count += 1
+        if rate.count >= batch_size:
+            rate.hot_until = now + HOT_FOR * batch_timeout
+        members = self.members
+        if len(members) < 2 or now < rate.hot_until or now >= self.valid_until:
+            return None
+        owner = self._owners.get(key)
+        if owner is None:
+            owner = self._owners[key] = owner_of(members, key)
+        return None if owner == self.member else owner
+
+    def start(self) -> None:
+        """Join the fleet and beat until `stop`."""
+        if self._beating is None:
+            self._beating = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self) -> None:
+        """Stop routing; move what is left in this member's inbox back; leave."""
+        beating, self._beating = self._beating, None
+        self.members = ()
+        if beating is not None:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+        self.server.serve(None)
+        try:
+            moved = 0
+            for _ in range(100):  # bounded: a leave never holds a shutdown long
+                count = await asyncio.wait_for(
+                    self.server.leave(self.member, RECLAIM_COUNT), ASK_TIMEOUT
+                )
+                moved += max(count, 0)
+                if count < RECLAIM_COUNT:
+                    break
+            if moved:
+                logger.info(
+                    "batchtask: %d entr%s left in this worker's inbox went back "
+                    "to the queue",
+                    moved,
+                    "y" if moved == 1 else "ies",
+                )
+        except Exception:  # its membership expires; another member moves them
+            logger.warning(
+                "batchtask: leaving the fleet failed; this worker's inbox goes "
+                "back to the queue once its membership expires",
+                exc_info=True,
+            )
+
+    async def _beat(self) -> None:
+        ttl_ms = int(self.ttl * 1000)
+        self.server.serve(self.member)
+        while True:
+            sent = time.monotonic()
+            try:
+                live, expired = await asyncio.wait_for(
+                    self.server.beat(self.member, ttl_ms), ASK_TIMEOUT
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() >= self.valid_until and self.members:
+                    self.members = ()
+                    self._owners.clear()
+                    self._warn(
+                        f"batchtask: the fleet's server did not take this worker's "
+                        f"heartbeat ({exc!r}); it batches what it receives, per "
+                        "process, until it does"
+                    )
+            else:
+                self.valid_until = sent + self.ttl - min(MARGIN, self.ttl * 0.3)
+                members = tuple(live)
+                if members != self.members:
+                    if self.members:
+                        logger.info(
+                            "batchtask: the fleet has %d worker process(es) now "
+                            "(was %d)",
+                            len(members),
+                            len(self.members),
+                        )
+                    self.members = members
+                    self._owners.clear()
+                for gone in expired:
+                    await self._reclaim(gone)
+                self._forget(time.monotonic())
+            await asyncio.sleep(self.beat_every)
+
+    async def _reclaim(self, member: str) -> None:
+        for _ in range(20):
+            try:
+                count = await asyncio.wait_for(
+                    self.server.reclaim(member, RECLAIM_COUNT), ASK_TIMEOUT
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.debug("batchtask: reclaiming %s's inbox failed", member)
+                return
+            if count > 0:
+                self.reclaimed += count
+                logger.info(
+                    "batchtask: worker %s left the fleet without leaving; %d "
+                    "entr%s of its inbox went back to the queue",
+                    member,
+                    count,
+                    "y" if count == 1 else "ies",
+                )
+            if count < RECLAIM_COUNT:
+                return
+
+    def _forget(self, now: float) -> None:
+        """Drop the rates of routes not seen for a while (memory stays bounded)."""
+        if len(self._rates) < 1024:
+            return
+        stale = [
+            key
+            for key, rate in self._rates.items()
+            if now - rate.since > 2 * rate.window and now >= rate.hot_until
+        ]
+        for key in stale:
+            del self._rates[key]
+            self._owners.pop(key, None)
+
+    def _warn(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            logger.warning(text)

@@ -72,7 +72,7 @@ from batchtask._batcher import Batch, Batcher, Entry
 from batchtask._context import BatchContext
 from batchtask._errors import PoisonItemError
 from batchtask._faults import FaultObserver, Redeliveries, fault_observer, retried
-from batchtask._fleet import FleetLimits, LeaseUnavailable
+from batchtask._fleet import FleetLimits, LeaseUnavailable, Router, route_key
 from batchtask._grouping import store_many
 from batchtask._outcomes import Outcome
 from batchtask._retries import hand_back, hold_limit, not_before, settle_retries
@@ -262,6 +262,9 @@ class NativePath:
         server = adapter.lease_server()
         self.fleet: FleetLimits | None = None if server is None else FleetLimits(server)
         """Where calls of limited tasks take their leases (`batchtask._fleet`)."""
+        routes = adapter.route_server()
+        self.router: Router | None = None if routes is None else Router(routes)
+        """Where deliveries go to the process that batches their key."""
         self.ended: Callable[[str], None] | None = None
         """Told the task id of each taken message as it ends (an in-process
         broker's ``wait_all`` waits for its kicks so: `batchtask.brokers`)."""
@@ -281,6 +284,8 @@ class NativePath:
         )
         self.redeliveries.backend = self.broker.result_backend
         self._checks_results = self.redeliveries.checks_results
+        if self.router is not None:
+            self.router.start()
         window = self.adapter.redelivery_window()
         if window is not None and self._keeper is None:
             self._keeper = asyncio.get_running_loop().create_task(
@@ -318,6 +323,54 @@ class NativePath:
         assert found is not None
         _compat.prepare_task(self.receiver, message.task_name, found.original_func)
         self.taken += 1
+        router = self.router
+        if router is not None and router.members and router.server.forwardable(data):
+            config = task.config
+            owner = router.route(
+                route_key(message.task_name, message.args, message.kwargs),
+                config.batch_size,
+                config.batch_timeout,
+            )
+            if owner is not None:
+                self._spawn(
+                    self._forward(task, message, data, owner, owns_delivery_slot)
+                )
+                return True
+        self._take_here(task, message, data, owns_delivery_slot)
+        return True
+
+    async def _forward(
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        message: TaskiqMessage,
+        data: bytes | AckableMessage,
+        owner: str,
+        owns_delivery_slot: bool,
+    ) -> None:
+        """Move `data` to `owner`'s inbox; if it cannot move, batch it here."""
+        router = self.router
+        assert router is not None
+        try:
+            await router.server.forward(owner, data)
+        except Exception as exc:
+            logger.debug("batchtask: moving %s failed (%r)", message.task_id, exc)
+            self._take_here(task, message, data, owns_delivery_slot)
+            return
+        router.forwarded += 1
+        if owns_delivery_slot:
+            self.receiver.sem_prefetch.release()
+        if self.ended is not None:
+            self.ended(message.task_id)
+
+    def _take_here(
+        self,
+        task: BatchTask[Any, ..., ..., Any, Any],
+        message: TaskiqMessage,
+        data: bytes | AckableMessage,
+        owns_delivery_slot: bool,
+    ) -> None:
+        """Take one delivery of `task` into this process's batches."""
+        raw = data.data if isinstance(data, AckableMessage) else data
         ack = data.ack if isinstance(data, AckableMessage) else None
         item = NativeItem(
             message,
@@ -332,19 +385,18 @@ class NativePath:
         held = redeliveries.held.get(message.task_id)
         if held is not None and held.raw == raw:
             self._adopt(held, item)
-            return True
+            return
         if redeliveries.owed(message.task_id):
             self._spawn(self._skip(item))
-            return True
+            return
         redeliveries.held.setdefault(message.task_id, item)
         if self._checks_results:
             again = self.adapter.redelivered(data)
             if again is not False:
                 ask = data if again is None else None
                 self._spawn(self._take_redelivered(task, item, ask))
-                return True
+                return
         self._intake(task, item)
-        return True
 
     def _adopt(self, held: NativeItem, copy: NativeItem) -> None:
         """A redelivered `copy` of `held`: its ack is the one that works now."""
@@ -1087,6 +1139,11 @@ class NativePath:
             by_task.setdefault(task.task_name, (task, []))[1].append(item)
         for task, items in by_task.values():
             self._spawn(self._hand_back(task, items))
+
+    async def leave(self) -> None:
+        """Leave the fleet (after `drain`): its inbox goes back to the queue."""
+        if self.router is not None:
+            await self.router.stop()
 
     async def wait_idle(self) -> None:
         """Wait until no taken message is still arriving or in a running batch."""

@@ -199,6 +199,7 @@ class BatchReceiver(Receiver):
                 native.close()  # nothing more arrives: run what is buffered now
                 draining = asyncio.ensure_future(native.drain())
                 await asyncio.wait({draining}, timeout=self.wait_tasks_timeout)
+                await native.leave()
                 await self.adapter.stop()
                 queue.put_nowait(_compat.END_OF_DELIVERIES)
         if reading.cancelled():

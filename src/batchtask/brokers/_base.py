@@ -86,6 +86,51 @@ class LeaseServer(Protocol):
         ...
 
 
+class RouteServer(Protocol):
+    """Where batches fill across the fleet (`batchtask._fleet.Router`).
+
+    Each worker process is a member with an expiring heartbeat and an inbox;
+    a delivery whose key another member owns moves to that member's inbox,
+    with its ack, in one atomic step.
+    """
+
+    async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
+        """Renew `member` for `ttl_ms`; the live members and the expired ones.
+
+        The member's inbox is made if it is not there.
+        """
+        ...
+
+    async def reclaim(self, member: str, count: int) -> int:
+        """Move up to `count` of expired `member`'s inbox entries to the queue.
+
+        How many moved; -1 if `member` is alive.
+        """
+        ...
+
+    async def forward(self, member: str, data: Delivery) -> None:
+        """Move `data` to `member`'s inbox and ack it here, atomically.
+
+        :raises Exception: if it did not move (it is still here, unacked).
+        """
+        ...
+
+    async def leave(self, member: str, count: int) -> int:
+        """`member` leaving: up to `count` of its inbox entries back to the queue.
+
+        How many moved; once its inbox is empty, it is no member.
+        """
+        ...
+
+    def forwardable(self, data: Delivery) -> bool:
+        """Whether `data` may move (a first delivery from the shared queue)."""
+        ...
+
+    def serve(self, member: str | None) -> None:
+        """Read `member`'s inbox with the queue from now on (None: stop)."""
+        ...
+
+
 class Notices(Protocol):
     """A channel to every worker process of a broker (`batchtask._notices`)."""
 
@@ -118,8 +163,8 @@ class Options:
     """Milliseconds after which a stream's unacknowledged entry is claimed by
     another consumer, where the broker has no setting of its own."""
     fleet: bool = True
-    """Whether call limits hold across the fleet where the family can
-    (``--receiver_arg fleet=false``: per worker process)."""
+    """Whether batches fill and call limits hold across the fleet where the
+    family can (``--receiver_arg fleet=false``: per worker process)."""
 
 
 DEFAULTS: Final = Options()
@@ -177,6 +222,10 @@ class BrokerAdapter(Protocol):
 
     async def keep(self, acks: Sequence[RawAck | None]) -> None:
         """Tell the server these deliveries are still worked on (not idle)."""
+        ...
+
+    def route_server(self) -> RouteServer | None:
+        """Where batches fill across the fleet; None: each process fills its own."""
         ...
 
     def notices(self) -> Notices | None:
@@ -273,6 +322,10 @@ class PerMessage:
 
     async def keep(self, acks: Sequence[RawAck | None]) -> None:
         """Nothing to tell: the broker's redelivery, if any, is its own."""
+
+    def route_server(self) -> RouteServer | None:
+        """No routes: each worker process fills batches from what it receives."""
+        return None
 
     def notices(self) -> Notices | None:
         """No channel: settings change per process."""

@@ -110,6 +110,8 @@ class StreamFamily(PerMessage):
         """Entries without a ``data`` field acknowledged so far."""
         self._asking: list[tuple[Target, asyncio.Future[int]]] = []
         self._asks: set[asyncio.Task[None]] = set()
+        self.inbox: str | None = None
+        """This worker's inbox in the fleet (`StreamRoutes`), read with the queue."""
 
     # -- connecting (one per family) -------------------------------------------
 
@@ -136,7 +138,10 @@ class StreamFamily(PerMessage):
     def streams(self) -> dict[Any, Any]:
         """The streams a read asks for, each with its starting id."""
         broker = self.stream
-        return {broker.queue_name: ">", **broker.additional_streams}
+        streams = {broker.queue_name: ">", **broker.additional_streams}
+        if self.inbox is not None:
+            streams[self.inbox] = ">"
+        return streams
 
     # -- deliveries -------------------------------------------------------------
 
@@ -157,13 +162,27 @@ class StreamFamily(PerMessage):
             while True:
                 if loop.time() >= claim_due:
                     for stream in list(self.streams()):
-                        async for message in self._claim(client, stream):
-                            yield message
+                        try:
+                            async for message in self._claim(client, stream):
+                                yield message
+                        except Exception as exc:
+                            if stream != self.inbox or "NOGROUP" not in str(exc):
+                                raise
                     claim_due = loop.time() + CLAIM_EVERY
                 wait = max(1, min(block_ms, int((claim_due - loop.time()) * 1000)))
-                fetched: Any = await client.xreadgroup(
-                    group, consumer, self.streams(), block=wait, count=count
-                )
+                try:
+                    fetched: Any = await client.xreadgroup(
+                        group, consumer, self.streams(), block=wait, count=count
+                    )
+                except Exception as exc:
+                    inbox = self.inbox
+                    if inbox is None or "NOGROUP" not in str(exc):
+                        raise
+                    # Moved back to the queue while this worker was cut off
+                    # (`StreamRoutes`): an empty inbox again.
+                    with contextlib.suppress(Exception):
+                        await client.xgroup_create(inbox, group, "0", mkstream=True)
+                    continue
                 for stream, entries in fetched or ():
                     async for message in self._messages(
                         client, stream, entries, claimed=False
@@ -375,11 +394,19 @@ class StreamFamily(PerMessage):
         self.round_trips += 1
         async with self.client() as client:
             pipeline = client.pipeline(transaction=False)
+            inboxes: list[bool] = []
             for stream, indexes in streams.items():
                 ids = [requests[index][1] for index in indexes]
                 pipeline.xack(stream, self.stream.consumer_group_name, *ids)
+                inboxes.append(INBOX_MARK in _text(stream))
+                if inboxes[-1]:  # an inbox keeps only what is still owed
+                    pipeline.xdel(stream, *ids)
             replies: list[Any] = await pipeline.execute(raise_on_error=False)
-        for indexes, reply in zip(streams.values(), replies, strict=True):
+        acked = iter(replies)
+        for indexes, inbox in zip(streams.values(), inboxes, strict=True):
+            reply = next(acked)
+            if inbox:
+                next(acked)  # an XDEL that failed leaves an acked entry: harmless
             if isinstance(reply, BaseException):
                 for index in indexes:
                     errors[index] = reply
@@ -482,6 +509,16 @@ class StreamFamily(PerMessage):
     def notice_client(self) -> AbstractAsyncContextManager[Any]:
         """A client that can publish and subscribe (a cluster's: one node)."""
         return self.client()
+
+    def route_server(self) -> "StreamRoutes | None":
+        """Members and inboxes on the stream's server (see `StreamRoutes`).
+
+        None with ``fleet=false``, or where the reader is the broker's own
+        ``listen()`` (it would not read the inbox).
+        """
+        if not self.options.fleet or self.changes():
+            return None
+        return StreamRoutes(self)
 
     def lease_server(self) -> "StreamLeases | None":
         """Leases on the stream's server, unless the worker asked for none."""
@@ -610,6 +647,172 @@ class StreamLeases:
             pipe.zrem(queue, holder)
             pipe.zrem(seen, holder)
             await pipe.execute()
+
+
+def hash_tag(name: str) -> str:
+    """What Redis Cluster hashes of key `name`: its ``{tag}`` or all of it."""
+    start = name.find("{")
+    if start >= 0:
+        end = name.find("}", start + 1)
+        if end > start + 1:
+            return name[start + 1 : end]
+    return name
+
+
+INBOX_MARK = ":batchtask:inbox:"
+"""In an inbox's name: ``{<stream's tag>}:batchtask:inbox:<member>``."""
+
+_BEAT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[3], '0', 'MKSTREAM')
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+return {redis.call('ZRANGEBYSCORE', KEYS[1], ms, '+inf'),
+        redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms)}
+"""
+"""Renew member ARGV[1] of KEYS[1] for ARGV[2] ms, its inbox KEYS[2] read by
+group ARGV[3] first; the live members and the expired ones."""
+
+_RECLAIM = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if until_ms and tonumber(until_ms) > ms and ARGV[3] == '0' then
+  return -1
+end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[2])
+for _, entry in ipairs(entries) do
+  redis.call('XADD', KEYS[3], '*', unpack(entry[2]))
+  redis.call('XDEL', KEYS[2], entry[1])
+end
+if #entries < tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return #entries
+"""
+"""Move up to ARGV[2] entries of member ARGV[1]'s inbox KEYS[2] to the queue
+KEYS[3]; once it is empty, the member leaves KEYS[1]. Unless ARGV[3] is 1 (the
+member itself leaving), -1 if the member is alive."""
+
+_FORWARD = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local moved = {}
+for i = 1, #KEYS - 2 do
+  local base = (i - 1) * 3
+  local until_ms = redis.call('ZSCORE', KEYS[2], ARGV[base + 2])
+  if until_ms and tonumber(until_ms) > ms then
+    redis.call('XADD', KEYS[i + 2], '*', 'data', ARGV[base + 4])
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[base + 3])
+    moved[i] = 1
+  else
+    moved[i] = 0
+  end
+end
+return moved
+"""
+"""For each move i (inbox KEYS[i + 2]; member, entry id of the queue KEYS[1],
+data in ARGV): if the member is alive, add the data to its inbox and ``XACK``
+the entry for group ARGV[1]; 1 if moved, 0 if not."""
+
+
+class MemberGone(Exception):
+    """The member a delivery was to move to is no longer in the fleet."""
+
+
+class StreamRoutes:
+    """Members of the fleet and their inboxes, on a stream family's server.
+
+    The members are one sorted set per stream, each scored by when its
+    membership expires by the server's clock. A member's inbox is a stream of
+    its own with the queue's consumer group, named with the queue's hash tag
+    (on a Redis Cluster, queue, members and inboxes share a slot: every
+    script here runs on one node). Moving a delivery adds its ``data`` to
+    the owner's inbox and acks it on the queue in one script, only while
+    the owner is a member: nothing is lost or doubled on the way. An inbox
+    entry is deleted as it is acked (`StreamFamily.xack`).
+    """
+
+    def __init__(self, family: StreamFamily) -> None:
+        """Route `family`'s queue (its broker's ``queue_name``)."""
+        self.family = family
+        self.queue: str = _text(family.stream.queue_name)
+        tag = hash_tag(self.queue)
+        self.members_key = f"{{{tag}}}:batchtask:members:{self.queue}"
+        self._inbox_prefix = f"{{{tag}}}{INBOX_MARK}"
+        self._moves: Coalescer[tuple[str, Delivery]] = Coalescer(self._forward)
+
+    def inbox(self, member: str) -> str:
+        """The name of `member`'s inbox."""
+        return f"{self._inbox_prefix}{member}"
+
+    async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
+        """Renew `member`; the live and the expired members."""
+        group = self.family.stream.consumer_group_name
+        async with self.family.client() as client:
+            reply: Any = await client.eval(
+                _BEAT, 2, self.members_key, self.inbox(member), member, ttl_ms, group
+            )
+        live, expired = reply[0], reply[1]
+        return [_text(m) for m in live], [_text(m) for m in expired]
+
+    async def reclaim(self, member: str, count: int, *, own: bool = False) -> int:
+        """Move up to `count` of dead `member`'s inbox entries back to the queue."""
+        async with self.family.client() as client:
+            moved = await client.eval(
+                _RECLAIM,
+                3,
+                self.members_key,
+                self.inbox(member),
+                self.queue,
+                member,
+                count,
+                1 if own else 0,
+            )
+        return int(moved)
+
+    async def leave(self, member: str, count: int) -> int:
+        """`member` itself leaving: move up to `count` of its entries back."""
+        return await self.reclaim(member, count, own=True)
+
+    def forwardable(self, data: Delivery) -> bool:
+        """A first delivery of the queue (not of an inbox, not claimed)."""
+        if self.family.inbox is None or not isinstance(data, AckableMessage):
+            return False
+        ack = data.ack
+        return (
+            isinstance(ack, StreamAck)
+            and ack.family is self.family
+            and not ack.claimed
+            and _text(ack.stream) == self.queue
+        )
+
+    def serve(self, member: str | None) -> None:
+        """Read `member`'s inbox with the queue (None: no inbox)."""
+        self.family.inbox = None if member is None else self.inbox(member)
+
+    async def forward(self, member: str, data: Delivery) -> None:
+        """Move `data` to `member`'s inbox, with this loop turn's others at once."""
+        await self._moves.submit((member, data))
+
+    async def _forward(
+        self, moves: list[tuple[str, Delivery]]
+    ) -> list[BaseException | None]:
+        keys = [self.queue, self.members_key]
+        args: list[Any] = [self.family.stream.consumer_group_name]
+        for member, data in moves:
+            assert isinstance(data, AckableMessage)
+            ack = data.ack
+            assert isinstance(ack, StreamAck)
+            keys.append(self.inbox(member))
+            args += [member, ack.entry, data.data]
+        async with self.family.client() as client:
+            reply: Any = await client.eval(_FORWARD, len(keys), *keys, *args)
+        return [
+            None if int(moved) == 1 else MemberGone(member)
+            for (member, _), moved in zip(moves, reply, strict=True)
+        ]
 
 
 NOTICE_PREFIX = "batchtask:notices"
