@@ -11,12 +11,17 @@ each delivery goes to the process that owns its key (`batchtask._fleet.Router`).
 """
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
 
-from tests.test_fleet_limits import listed, overlaps, spans
+from tests.test_fleet_limits import listed, overlaps
 from tests.workers import (
     RECEIVER,
     REDIS_URL,
@@ -55,65 +60,153 @@ async def members(queue: str) -> int:
         await client.aclose()
 
 
-async def traffic(app: object, rounds: int, *, every: float = 0.08) -> list[object]:
-    """`rounds` rounds of one item per key, one round each `every` seconds by
-    the clock (500 items/s), however busy the machine is."""
+Event = Callable[[list[subprocess.Popen[bytes]], dict[str, str]], Awaitable[None]]
+"""Something done to the fleet at one round of the traffic (kill a machine...)."""
+
+
+async def traffic(
+    app: object,
+    rounds: int,
+    *,
+    every: float = 0.08,
+    task: str = "one_writer",
+    copies: int = 1,
+    at: Callable[[int], Awaitable[None]] | None = None,
+) -> list[object]:
+    """`rounds` rounds of one item per key (`copies` times), one round each
+    `every` seconds by the clock (500 items/s), however busy the machine is;
+    `at` is awaited before each round."""
     tasks = []
-    kiq = app.one_writer.kiq  # type: ignore[attr-defined]
+    kiq = getattr(app, task).kiq
     start = time.monotonic()
     for round_ in range(rounds):
+        if at is not None:
+            await at(round_)
         for key in range(KEYS):
-            tasks.append(await kiq(round_ * KEYS + key, f"k{key}"))
+            for _ in range(copies):
+                tasks.append(await kiq(round_ * KEYS + key, f"k{key}"))
         await asyncio.sleep(max(0.0, start + (round_ + 1) * every - time.monotonic()))
     took = time.monotonic() - start
-    print(f"traffic: {rounds * KEYS} items in {took:.2f} s")
+    print(f"traffic: {rounds * KEYS * copies} items in {took:.2f} s")
     return tasks
 
 
+def children(worker: subprocess.Popen[bytes]) -> set[str]:
+    """The pids of a ``taskiq worker`` command's worker processes."""
+    found = subprocess.run(
+        ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True, check=False
+    )
+    return set(found.stdout.split())
+
+
 async def run(
-    machines: int, per_machine: int, *flags: str, settings: dict[str, str] = SETTINGS
-) -> dict[str, object]:
-    """`machines` ``taskiq worker --workers per_machine`` commands; the traffic."""
+    machines: int,
+    per_machine: int,
+    *flags: str,
+    settings: dict[str, str] = SETTINGS,
+    events: dict[int, Event] | None = None,
+    stock: int = 0,
+    task: str = "one_writer",
+    copies: int = 1,
+    rounds: int = PER_KEY,
+) -> dict[str, Any]:
+    """`machines` ``taskiq worker --workers per_machine`` commands (and `stock`
+    worker processes without `BatchReceiver`); the traffic, with `events` at
+    their rounds; what each call saw."""
     queue = new_queue()
     with app_env(queue, **settings) as env:
         workers = [
             start_worker(env, "--workers", str(per_machine), *RECEIVER, *flags)
             for _ in range(machines)
         ]
+        if stock:
+            workers.append(start_worker(env, "--workers", str(stock)))
+    started: dict[str, float] = {}
     try:
         for worker in workers:
             await wait_listening(worker)
         if "fleet=false" not in flags:
+            await joined(queue, machines * per_machine)
 
-            async def all_joined() -> bool:
-                return await members(queue) == machines * per_machine
+        async def at(round_: int) -> None:
+            event = (events or {}).get(round_)
+            if event is not None:
+                started[event.__name__] = time.time()
+                await event(workers, env)
 
-            await until(all_joined, 60, "every worker process in the fleet")
-            await asyncio.sleep(1.5)  # every process has seen every other one
         with app_env(queue, **settings):
             async with producer(queue) as app:
-                tasks = await traffic(app, PER_KEY)
+                tasks = await traffic(app, rounds, task=task, copies=copies, at=at)
+                total = KEYS * rounds
 
                 async def all_processed() -> bool:
-                    return len(await processed(queue)) >= KEYS * PER_KEY
+                    if task == "dedup_writer":
+                        return len(await results_of(tasks)) == len(tasks)
+                    return len(await processed(queue)) >= total
 
                 await until(all_processed, 120, "every item processed")
-                await asyncio.sleep(0.5)
-                calls = await spans(queue)
-                pids = {pid for _, _, _, pid, _, _ in await listed(queue)}
+                done_at = time.time()
+                await asyncio.sleep(1.0)  # a late or second call would show now
+                calls = await listed(queue)
                 counts = await processed(queue)
                 results = [await t.wait_result(timeout=60) for t in tasks]  # type: ignore[attr-defined]
+                deduped = await dedup_calls(queue)
     finally:
         for worker in workers:
             kill(worker)
-    sizes = [len(values.split(",")) for _, _, _, values in calls]
+    sizes = [len(values.split(",")) for _, _, _, _, values, _ in calls] or [0]
     return {
-        "calls": calls,
+        "calls": [(k, s, e, v) for k, s, e, _, v, _ in calls],
+        "by_pid": [(p, v) for _, _, _, p, v, _ in calls],
         "counts": counts,
         "results": results,
         "mean": sum(sizes) / len(sizes),
-        "pids": pids,
+        "pids": {pid for _, _, _, pid, _, _ in calls},
+        "events": started,
+        "done_at": done_at,
+        "dedup": deduped,
+        "workers": workers,
     }
+
+
+async def joined(queue: str, size: int) -> None:
+    """Wait until `size` processes are members and have seen each other."""
+
+    async def all_joined() -> bool:
+        return await members(queue) == size
+
+    await until(all_joined, 60, f"{size} worker processes in the fleet")
+    await asyncio.sleep(1.5)  # a beat of every process: each sees every other
+
+
+async def results_of(tasks: list[Any]) -> list[object]:
+    """The results ready so far."""
+    ready = []
+    for task in tasks:
+        if await task.is_ready():
+            ready.append(task)
+    return ready
+
+
+async def dedup_calls(queue: str) -> list[tuple[str, list[int]]]:
+    """Each call of ``app:dedup_writer``: its pid and the values passed."""
+    client = redis.from_url(REDIS_URL)
+    try:
+        raw = await client.lrange(f"{queue}:dedup", 0, -1)
+    finally:
+        await client.aclose()
+    calls = []
+    for entry in raw:
+        pid, _, values = entry.decode().partition(":")
+        calls.append((pid, [int(v) for v in values.split(",")]))
+    return calls
+
+
+def every_item_once(found: dict[str, Any], rounds: int = PER_KEY) -> None:
+    """Each item ran once and its result is right."""
+    assert found["counts"] == dict.fromkeys(range(KEYS * rounds), 1)
+    results = found["results"]
+    assert [r.return_value for r in results] == [2 * v for v in range(KEYS * rounds)]
 
 
 async def test_a_fleet_of_four_fills_batches_as_one_process() -> None:
@@ -122,27 +215,138 @@ async def test_a_fleet_of_four_fills_batches_as_one_process() -> None:
     one = await run(1, 1)
     fleet = await run(2, 2)
     apart = await run(2, 2, "--receiver_arg", "fleet=false")
-    ratio = float(fleet["mean"]) / float(one["mean"])  # type: ignore[arg-type]
-    apart_ratio = float(apart["mean"]) / float(one["mean"])  # type: ignore[arg-type]
+    ratio = fleet["mean"] / one["mean"]
+    apart_ratio = apart["mean"] / one["mean"]
     for name, found in (("one process", one), ("fleet", fleet), ("apart", apart)):
         calls = found["calls"]
-        assert isinstance(calls, list)
         print(
             f"{name}: {len(calls)} calls, mean batch {found['mean']:.2f}, "
-            f"{overlaps(calls)} overlapping, {len(found['pids'])} process(es) called"  # type: ignore[arg-type]
+            f"{overlaps(calls)} overlapping, {len(found['pids'])} process(es) called"
         )
     print(
         f"fill, 2 machines x 2 processes against one process: {ratio:.2f}x "
         f"(fleet=false: {apart_ratio:.2f}x)"
     )
-    for found in (one, fleet):
-        assert found["counts"] == dict.fromkeys(range(KEYS * PER_KEY), 1)
-        results = found["results"]
-        assert isinstance(results, list)
-        assert [r.return_value for r in results] == [
-            2 * v for v in range(KEYS * PER_KEY)
-        ]
-    assert overlaps(fleet["calls"]) == 0  # type: ignore[arg-type]
-    assert len(fleet["pids"]) == 4, "every process batches its share of keys"  # type: ignore[arg-type]
+    every_item_once(one)
+    every_item_once(fleet)
+    assert overlaps(fleet["calls"]) == 0
+    assert len(fleet["pids"]) == 4, "every process batches its share of keys"
     assert ratio >= 0.9
     assert ratio > apart_ratio
+
+
+async def test_a_machine_killed_mid_traffic_loses_nothing() -> None:
+    """Goal 5: SIGKILL of a whole machine 1.6 s into the traffic.
+
+    What it had forwarded to it and not run comes back from its inbox once
+    its membership expires; what it held from the queue is claimed once idle.
+    Every item runs; an item runs twice only if it was in a call that ran on
+    the killed machine (done, but not acknowledged when it died).
+    """
+    require_broker("stream")
+    killed: set[str] = set()
+
+    async def kill_one(workers: list[subprocess.Popen[bytes]], _: object) -> None:
+        killed.update(children(workers[0]))
+        kill(workers[0])
+
+    found = await run(2, 2, events={20: kill_one})
+    counts, calls = found["counts"], found["calls"]
+    twice = {value for value, count in counts.items() if count > 1}
+    on_killed = {
+        int(value)
+        for pid, values in found["by_pid"]
+        if pid in killed
+        for value in values.split(",")
+    }
+    served_again = found["done_at"] - found["events"]["kill_one"]
+    print(
+        f"a machine killed 1.6 s in: {len(calls)} calls, {len(twice)} item(s) run "
+        f"twice, all {len(counts)} items done {served_again:.1f} s after the kill "
+        f"(idle time 5 s, membership {5.0:.0f} s)"
+    )
+    assert sorted(counts) == list(range(KEYS * PER_KEY)), "nothing lost"
+    assert twice <= on_killed, "twice only what ran on the killed machine"
+    assert overlaps(calls) == 0
+    results = found["results"]
+    assert [r.return_value for r in results] == [2 * v for v in range(KEYS * PER_KEY)]
+
+
+async def test_a_machine_that_joins_takes_its_share() -> None:
+    """Goal 5: a second machine joins 0.8 s into the traffic; it takes keys
+    within a beat or two, nobody stops, every item runs once."""
+    require_broker("stream")
+    first: set[str] = set()
+
+    async def join(workers: list[subprocess.Popen[bytes]], env: dict[str, str]) -> None:
+        first.update(children(workers[0]))
+        workers.append(start_worker(env, "--workers", "2", *RECEIVER))
+
+    found = await run(1, 2, events={10: join}, rounds=100)
+    starts = [
+        start
+        for (pid, _), (_, start, _, _) in zip(
+            found["by_pid"], found["calls"], strict=True
+        )
+        if pid not in first
+    ]
+    first_call = min(starts) - found["events"]["join"] if starts else None
+    share = len(starts) / len(found["calls"])
+    print(
+        f"a machine joined 0.8 s in: its first call {first_call:.1f} s after it "
+        f"was started, {share:.0%} of {len(found['calls'])} calls"
+        if first_call is not None
+        else "the joining machine made no call"
+    )
+    every_item_once(found, rounds=100)
+    assert starts, "the machine that joined takes keys"
+
+
+async def test_a_machine_stopped_gracefully_hands_its_inbox_back() -> None:
+    """Goal 7 (a rolling deploy): SIGTERM to one machine mid-traffic; it runs
+    what it holds, moves what is left in its inbox back to the queue, and
+    leaves. Every item runs once."""
+    require_broker("stream")
+
+    async def stop_one(workers: list[subprocess.Popen[bytes]], _: object) -> None:
+        for pid in children(workers[0]):
+            os.kill(int(pid), signal.SIGTERM)
+
+    found = await run(2, 2, events={20: stop_one})
+    print(f"a machine stopped 1.6 s in: {len(found['calls'])} calls")
+    every_item_once(found)
+    assert overlaps(found["calls"]) == 0
+
+
+async def test_a_worker_without_the_receiver_in_the_fleet_strands_nothing() -> None:
+    """Goal 7: a stock ``taskiq worker`` (no ``--receiver``) reads the same
+    stream: it is no member, batches what it reads, and nothing is stranded."""
+    require_broker("stream")
+    found = await run(1, 2, stock=1)
+    print(
+        f"two BatchReceiver processes and a stock one: {len(found['calls'])} "
+        f"calls by {len(found['pids'])} processes"
+    )
+    every_item_once(found)
+    assert len(found["pids"]) == 3, "the stock worker took its share"
+
+
+async def test_equal_items_reaching_different_processes_are_passed_once() -> None:
+    """Goal 4: each value kicked 4 times in a row (the copies go to different
+    processes of the fleet); within one batch window each is passed once
+    across the fleet, and every copy gets its result."""
+    require_broker("stream")
+    fleet = await run(2, 2, task="dedup_writer", copies=4, rounds=10)
+    apart = await run(
+        2, 2, "--receiver_arg", "fleet=false", task="dedup_writer", copies=4, rounds=10
+    )
+    passed = [v for _, values in fleet["dedup"] for v in values]
+    passed_apart = [v for _, values in apart["dedup"] for v in values]
+    print(
+        f"dedup_key, 4 copies of {KEYS * 10} values: the fleet passed "
+        f"{len(passed)} values, fleet=false {len(passed_apart)}"
+    )
+    assert sorted(passed) == list(range(KEYS * 10)), "each value passed once"
+    assert len(passed_apart) > len(passed)
+    values = [v for v in range(KEYS * 10) for _ in range(4)]
+    assert [r.return_value for r in fleet["results"]] == [2 * v for v in values]

@@ -393,3 +393,21 @@ if os.environ.get("BATCHTASK_FLEET_TASKS") == "1":
                 pipe.expire(f"{QUEUE}:spans", 900)
                 await pipe.execute()
         return [2 * v for v in values]
+
+    @batch_task(
+        broker,
+        batch_size=BATCH_SIZE,
+        batch_timeout=BATCH_TIMEOUT,
+        results="per_item",
+        dedup_key=lambda value: value,
+        task_name="app:dedup_writer",
+    )
+    async def dedup_writer(values: list[int], key: str) -> list[int]:
+        """Equal values in one batch are passed once (``dedup_key``); each call
+        is listed in ``<queue>:dedup`` as ``pid:values``."""
+        entry = f"{os.getpid()}:" + ",".join(map(str, values))
+        async with _redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(f"{QUEUE}:dedup", entry)
+            pipe.expire(f"{QUEUE}:dedup", 900)
+            await pipe.execute()
+        return [2 * v for v in values]
