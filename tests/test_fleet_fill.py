@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
+from tests.faults import Proxy
 from tests.test_fleet_limits import listed, overlaps
 from tests.workers import (
     RECEIVER,
@@ -30,10 +31,12 @@ from tests.workers import (
     new_queue,
     processed,
     producer,
+    recorded_calls,
     require_broker,
     start_worker,
     until,
     wait_listening,
+    worker_log,
 )
 
 pytestmark = pytest.mark.workers
@@ -72,22 +75,24 @@ async def traffic(
     task: str = "one_writer",
     copies: int = 1,
     at: Callable[[int], Awaitable[None]] | None = None,
+    keys: int = KEYS,
+    first: int = 0,
 ) -> list[object]:
     """`rounds` rounds of one item per key (`copies` times), one round each
     `every` seconds by the clock (500 items/s), however busy the machine is;
-    `at` is awaited before each round."""
+    `at` is awaited before each round. Values count from `first`."""
     tasks = []
     kiq = getattr(app, task).kiq
     start = time.monotonic()
     for round_ in range(rounds):
         if at is not None:
             await at(round_)
-        for key in range(KEYS):
+        for key in range(keys):
             for _ in range(copies):
-                tasks.append(await kiq(round_ * KEYS + key, f"k{key}"))
+                tasks.append(await kiq(first + round_ * keys + key, f"k{key}"))
         await asyncio.sleep(max(0.0, start + (round_ + 1) * every - time.monotonic()))
     took = time.monotonic() - start
-    print(f"traffic: {rounds * KEYS * copies} items in {took:.2f} s")
+    print(f"traffic: {rounds * keys * copies} items in {took:.2f} s")
     return tasks
 
 
@@ -109,6 +114,8 @@ async def run(
     task: str = "one_writer",
     copies: int = 1,
     rounds: int = PER_KEY,
+    keys: int = KEYS,
+    every: float = 0.08,
 ) -> dict[str, Any]:
     """`machines` ``taskiq worker --workers per_machine`` commands (and `stock`
     worker processes without `BatchReceiver`); the traffic, with `events` at
@@ -136,8 +143,10 @@ async def run(
 
         with app_env(queue, **settings):
             async with producer(queue) as app:
-                tasks = await traffic(app, rounds, task=task, copies=copies, at=at)
-                total = KEYS * rounds
+                tasks = await traffic(
+                    app, rounds, task=task, copies=copies, at=at, keys=keys, every=every
+                )
+                total = keys * rounds
 
                 async def all_processed() -> bool:
                     if task == "dedup_writer":
@@ -151,6 +160,7 @@ async def run(
                 counts = await processed(queue)
                 results = [await t.wait_result(timeout=60) for t in tasks]  # type: ignore[attr-defined]
                 deduped = await dedup_calls(queue)
+                recorded = await recorded_calls(queue)
     finally:
         for worker in workers:
             kill(worker)
@@ -165,6 +175,7 @@ async def run(
         "events": started,
         "done_at": done_at,
         "dedup": deduped,
+        "recorded": recorded,
         "workers": workers,
     }
 
@@ -350,3 +361,74 @@ async def test_equal_items_reaching_different_processes_are_passed_once() -> Non
     assert len(passed_apart) > len(passed)
     values = [v for v in range(KEYS * 10) for _ in range(4)]
     assert [r.return_value for r in fleet["results"]] == [2 * v for v in values]
+
+
+async def test_a_saturating_key_is_not_funnelled_into_one_process() -> None:
+    """Goal 2: one key hot enough to fill batches in every process is batched
+    in every process (it is hot there), not sent to its owner alone."""
+    require_broker("stream")
+    found = await run(2, 2, task="double", keys=1, rounds=4000, every=0.0)
+    recorded = found["recorded"]
+    per_pid: dict[int, int] = {}
+    for pid, values in recorded:
+        per_pid[pid] = per_pid.get(pid, 0) + len(values)
+    print(
+        f"one saturating key, 2 machines x 2 processes: {len(recorded)} calls, "
+        f"items per process {sorted(per_pid.values())}"
+    )
+    assert found["counts"] == dict.fromkeys(range(4000), 1)
+    assert len(per_pid) == 4, "every process batches the hot key"
+
+
+async def test_a_member_cut_off_from_the_server_degrades_and_comes_back() -> None:
+    """Partition: worker A (behind a proxy) is cut off from Redis for 8 s.
+
+    A stops routing and warns; B sees A's membership expire and moves what
+    was forwarded to A's inbox back to the queue, so it runs; when A is back
+    it joins again and takes its share (its inbox is made again). Nothing is
+    lost; nothing hangs.
+    """
+    require_broker("stream")
+    queue = new_queue()
+    async with Proxy(6379) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
+        with app_env(queue, **SETTINGS, **through) as env:
+            cut_off = start_worker(env, "--workers", "1", *RECEIVER)
+        with app_env(queue, **SETTINGS) as env:
+            other = start_worker(env, "--workers", "1", *RECEIVER)
+        try:
+            for worker in (cut_off, other):
+                await wait_listening(worker)
+            await joined(queue, 2)
+            with app_env(queue, **SETTINGS):
+                async with producer(queue) as app:
+                    first = await traffic(app, 10)
+                    proxy.refuse(8)
+                    during = await traffic(app, 10, first=KEYS * 10)
+                    await asyncio.sleep(8)
+                    await joined(queue, 2)  # A is back
+                    back_at = time.time()
+                    after = await traffic(app, 10, first=KEYS * 20)
+
+                    async def all_processed() -> bool:
+                        return len(await processed(queue)) >= KEYS * 30
+
+                    await until(all_processed, 120, "every item processed")
+                    calls = await listed(queue)
+                    results = [
+                        await t.wait_result(timeout=60)  # type: ignore[attr-defined]
+                        for t in first + during + after
+                    ]
+            log = worker_log(cut_off)
+            a_pids = children(cut_off)
+        finally:
+            kill(cut_off)
+            kill(other)
+    a_after = [c for c in calls if c[3] in a_pids and c[1] >= back_at]
+    print(
+        f"a member cut off for 8 s: {len(calls)} calls; once back, it made "
+        f"{len(a_after)} of the {sum(c[1] >= back_at for c in calls)} calls since"
+    )
+    assert [r.return_value for r in results] == [2 * v for v in range(KEYS * 30)]
+    assert "per process, until it does" in log
+    assert a_after, "the member that was cut off takes its share again"

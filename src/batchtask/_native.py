@@ -351,7 +351,9 @@ class NativePath:
         router = self.router
         assert router is not None
         try:
-            await router.server.forward(owner, data)
+            # Bounded: a server that stalls must not hold the delivery (if the
+            # move lands after all, the owner runs it too: at least once).
+            await asyncio.wait_for(router.server.forward(owner, data), router.ttl)
         except Exception as exc:
             logger.debug("batchtask: moving %s failed (%r)", message.task_id, exc)
             self._take_here(task, message, data, owns_delivery_slot)
