@@ -258,12 +258,25 @@ class Result:
     reclaimed: int = 0
     claimed: int = 0
     process_seconds: float = 0.0
+    window_calls: int = 0
+    window_items: int = 0
+    """Calls (and their items) whose first item arrived in the churn window."""
     called: list[int] | None = field(default=None, repr=False)
 
     @property
     def fill(self) -> float:
         """Mean batch size: items per call."""
         return self.called_items / self.calls if self.calls else 0.0
+
+    @property
+    def window_fill(self) -> float:
+        """Mean batch size of the calls begun during the churn window."""
+        return self.window_items / self.window_calls if self.window_calls else 0.0
+
+
+def churn_window(cfg: Config) -> tuple[float, float]:
+    """From the first churn event to a membership's time after the last."""
+    return 0.1 * cfg.duration, min(cfg.duration, 0.9 * cfg.duration + MEMBER_TTL)
 
 
 def zipf_cum_weights(keys: int, s: float) -> list[float]:
@@ -326,11 +339,15 @@ def simulate(
         for i, (at, _kind, _p) in enumerate(tl.events):
             heapq.heappush(heap, (at, next(seq), CHURN, i, 0, 0))
     calls = called_items = 0
+    w_start, w_end = churn_window(cfg)
 
     def call(items: list[int]) -> None:
         nonlocal calls, called_items
         calls += 1
         called_items += len(items)
+        if w_start <= times[items[0]] < w_end:
+            res.window_calls += 1
+            res.window_items += len(items)
         if called is not None:
             called.extend(items)
 
@@ -471,9 +488,10 @@ def simulate(
 # -- the report ---------------------------------------------------------------
 
 
-def run(cfg: Config, out=sys.stdout) -> dict[str, object]:
+def run(cfg: Config, out=None) -> dict[str, object]:
     """Simulate every mode, print the tables; return what was measured."""
     t0 = time.perf_counter()
+    out = sys.stdout if out is None else out
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
@@ -524,6 +542,15 @@ def run(cfg: Config, out=sys.stdout) -> dict[str, object]:
             f"  {name:<22}{r.items:>10}{r.calls:>10}{r.fill:>9.2f}"
             f"{r.fill / base:>11.2f}x"
         )
+    w_start, w_end = churn_window(cfg)
+    wbase = results["one big worker"].window_fill
+    say(
+        f"  during churn (calls begun {w_start:g}..{w_end:g} s): one big worker "
+        f"{wbase:.2f}, fleet {results['fleet, churn'].window_fill:.2f} "
+        f"({results['fleet, churn'].window_fill / wbase:.2f}x), fleet=False "
+        f"{results['fleet=False, churn'].window_fill:.2f} "
+        f"({results['fleet=False, churn'].window_fill / wbase:.2f}x)"
+    )
     say()
     n = moved.members
     say(f"keys moved per join and leave ({moved.routes} routes, {n} members)")
@@ -560,14 +587,13 @@ def run(cfg: Config, out=sys.stdout) -> dict[str, object]:
     for name in ("fleet", "fleet, churn"):
         r = results[name]
         procs = r.process_seconds / cfg.duration
-        per = cfg.duration
 
-        def cell(x: float, procs: float = procs) -> str:
+        def cell(x: float, procs: float = procs, per: float = cfg.duration) -> str:
             return f"{x / per:9.0f} ({x / per / procs:5.2f})"
 
         say(
             f"  {name:<14}{cell(r.beats):>16}{cell(r.move_calls):>18}"
-            f"{cell(r.reads):>18}{r.reclaim_calls:>10}{r.moved / per:>15.0f}"
+            f"{cell(r.reads):>18}{r.reclaim_calls:>10}{r.moved / cfg.duration:>15.0f}"
         )
     rc = results["fleet, churn"]
     say(
