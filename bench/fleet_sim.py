@@ -606,6 +606,18 @@ def run(cfg: Config, out=None) -> dict[str, object]:
         f"  hot (batched where read): {rf.hot_local} of {rf.items} deliveries; "
         f"moved: {rf.moved} ({rf.moved / rf.items:.1%})"
     )
+    probe = routes[: min(200, len(routes))]
+    members = tl.names[: cfg.processes]
+    t1 = time.perf_counter()
+    for route in probe:
+        owner_of(members, route)
+    per_route = (time.perf_counter() - t1) / len(probe)
+    say(
+        f"  Router cost: owner_of over {cfg.processes} members takes "
+        f"{per_route * 1e3:.2f} ms a route; after each of the churn run's "
+        f"{len(tl.owners) - 1} membership changes a process recomputes it for "
+        f"every route it sees ({per_route * cfg.keys:.1f} s for all {cfg.keys})"
+    )
     say()
     say(
         f"every item called exactly once in each run; owners computed in "

@@ -110,3 +110,24 @@ def test_main_quick_prints_the_tables(capsys):
     out = capsys.readouterr().out
     for text in ("fill", "keys moved per join", "server operations", "beats"):
         assert text in out
+
+
+def test_a_hot_route_stays_where_it_is_read():
+    cfg = sim.Config(
+        machines=1,
+        procs=8,
+        keys=200,
+        rate=20000.0,
+        duration=4.0,
+        batch_size=50,
+        churn=0,
+    )
+    routes = sim.route_names(cfg.keys)
+    tl = sim.build_timeline(cfg, routes)
+    times, keys = sim.arrivals(cfg)
+    fleet = sim.simulate(cfg, "fleet", tl, times, keys, churn=False, record=True)
+    local = sim.simulate(cfg, "local", tl, times, keys, churn=False)
+    assert fleet.hot_local > 0.1 * fleet.items  # the top keys fill batches here
+    assert fleet.moved + fleet.hot_local < fleet.items
+    assert fleet.fill > local.fill
+    assert sorted(fleet.called or []) == list(range(fleet.items))
