@@ -251,6 +251,8 @@ class Result:
     moved: int = 0
     move_calls: int = 0
     failed_moves: int = 0
+    refused_reclaimed: int = 0
+    """Refused moves of entries a reclaim had put back on the queue."""
     reads: int = 0
     hot_local: int = 0
     beats: float = 0.0
@@ -333,7 +335,7 @@ def simulate(
     heap: list[tuple[float, int, int, int, int, int]] = []
     seq = itertools.count()
     # heap kinds: 0 inbox arrival (proc, key, item); 1 redelivery (key, item,
-    # first delivery 1/0); 2 churn event (index into tl.events)
+    # 0 claimed, 1 first delivery, 2 reclaimed); 2 churn event (index into tl.events)
     INBOX, REDELIVER, CHURN = 0, 1, 2
     if churn and not big:
         for i, (at, _kind, _p) in enumerate(tl.events):
@@ -373,7 +375,9 @@ def simulate(
             last_read_turn[q] = slot
             res.reads += 1
 
-    def deliver(k: int, item: int, now: float, first: bool) -> None:
+    def deliver(
+        k: int, item: int, now: float, first: bool, again: bool = False
+    ) -> None:
         """A delivery read from the queue by a random live process."""
         q = alive[rng.randrange(len(alive))]
         read(q, now)
@@ -406,6 +410,8 @@ def simulate(
                         )
                         return
                     res.failed_moves += 1
+                    if again:
+                        res.refused_reclaimed += 1
         batch(q, k, item, now)
 
     def churn_event(i: int, now: float) -> None:
@@ -439,7 +445,7 @@ def simulate(
             res.reclaim_calls += len(entries) // RECLAIM_COUNT + 1
             res.reclaimed += len(entries)
             for k, item in entries:
-                heapq.heappush(heap, (now, next(seq), REDELIVER, k, item, 1))
+                heapq.heappush(heap, (now, next(seq), REDELIVER, k, item, 2))
             entries.clear()
 
     def run_heap(until: float) -> None:
@@ -449,14 +455,14 @@ def simulate(
                 if dead[a]:
                     if reclaimed_done[a]:  # reclaimed with the rest
                         res.reclaimed += 1
-                        heapq.heappush(heap, (now, next(seq), REDELIVER, b, c, 1))
+                        heapq.heappush(heap, (now, next(seq), REDELIVER, b, c, 2))
                     else:
                         inbox[a].append((b, c))
                 else:
                     read(a, now)
                     batch(a, b, c, now)
             elif kind == REDELIVER:
-                deliver(a, b, now, bool(c))
+                deliver(a, b, now, c > 0, c == 2)
             else:
                 churn_event(a, now)
 
@@ -582,7 +588,7 @@ def run(cfg: Config, out=None) -> dict[str, object]:
     say("server operations per second (fleet mode; per process in brackets)")
     say(
         f"  {'run':<14}{'beats':>16}{'move scripts':>18}{'reads':>18}"
-        f"{'reclaims':>10}{'moved items/s':>15}"
+        f"{'reclaims*':>11}{'moved items/s':>15}"
     )
     for name in ("fleet", "fleet, churn"):
         r = results[name]
@@ -593,13 +599,15 @@ def run(cfg: Config, out=None) -> dict[str, object]:
 
         say(
             f"  {name:<14}{cell(r.beats):>16}{cell(r.move_calls):>18}"
-            f"{cell(r.reads):>18}{r.reclaim_calls:>10}{r.moved / cfg.duration:>15.0f}"
+            f"{cell(r.reads):>18}{r.reclaim_calls:>11}{r.moved / cfg.duration:>15.0f}"
         )
     rc = results["fleet, churn"]
     say(
-        f"  churn: {rc.reclaim_calls} reclaim script calls moved {rc.reclaimed} "
+        f"  *total, not per second. churn: {rc.reclaim_calls} reclaim script "
+        f"calls moved {rc.reclaimed} "
         f"inbox entries back to the queue; {rc.claimed} held items claimed "
-        f"after the idle time; {rc.failed_moves} moves refused (owner no member)"
+        f"after the idle time; {rc.failed_moves} moves refused (owner no member), "
+        f"{rc.refused_reclaimed} of them of reclaimed entries"
     )
     rf = results["fleet"]
     say(
