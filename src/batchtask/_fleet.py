@@ -307,7 +307,8 @@ class Router:
         """The live members as last seen (empty: not routing)."""
         self.valid_until = 0.0
         """Monotonic time until which `members` is trusted."""
-        self._owners: dict[str, str] = {}
+        self._owners: dict[str, tuple[str, int]] = {}
+        """Each route seen: its owner among `members` and the owner's score."""
         self._rates: dict[str, _Rate] = {}
         self._beating: asyncio.Task[None] | None = None
         self._warned_at = -1e9
@@ -330,10 +331,11 @@ class Router:
         members = self.members
         if len(members) < 2 or now < rate.hot_until or now >= self.valid_until:
             return None
-        owner = self._owners.get(key)
-        if owner is None:
-            owner = self._owners[key] = owner_of(members, key)
-        return None if owner == self.member else owner
+        known = self._owners.get(key)
+        if known is None:
+            owner = owner_of(members, key)
+            known = self._owners[key] = (owner, rendezvous(owner, key))
+        return None if known[0] == self.member else known[0]
 
     def start(self) -> None:
         """Join the fleet and beat until `stop`."""
@@ -403,8 +405,8 @@ class Router:
                             len(members),
                             len(self.members),
                         )
+                    self._rehome(self.members, members)
                     self.members = members
-                    self._owners.clear()
                 for gone in expired:
                     await self._reclaim(gone)
                 self._forget(time.monotonic())
@@ -432,6 +434,31 @@ class Router:
                 )
             if count < RECLAIM_COUNT:
                 return
+
+    def _rehome(self, old: Sequence[str], new: Sequence[str]) -> None:
+        """Update the known owners from members `old` to `new`.
+
+        Rendezvous hashing makes this cheap: a route whose owner stays a
+        member changes owner only to a joining member that outscores it,
+        and only the routes of a leaving member need their owner found
+        again (when first seen next). Equal to `owner_of` over `new` for
+        every route (tests/test_fleet_sim.py).
+        """
+        joined = set(new).difference(old)
+        left = set(old).difference(new)
+        if not old or len(joined) > len(new) // 2:
+            self._owners.clear()
+            return
+        owners = self._owners
+        for key, (owner, score) in list(owners.items()):
+            if owner in left:
+                del owners[key]
+                continue
+            for member in joined:
+                other = rendezvous(member, key)
+                if other > score:
+                    owner, score = member, other
+            owners[key] = (owner, score)
 
     def _forget(self, now: float) -> None:
         """Drop the rates of routes not seen for a while (memory stays bounded)."""

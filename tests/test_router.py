@@ -1,0 +1,77 @@
+"""`batchtask._fleet.Router` by itself: owners, the hot rule, a stale view."""
+
+import random
+import time
+from typing import cast
+
+from batchtask._fleet import Router, owner_of
+from batchtask.brokers._base import RouteServer
+
+
+def router(members: list[str], me: str) -> Router:
+    """A router that sees `members` (trusted for a minute), as member `me`."""
+    made = Router(cast(RouteServer, object()))
+    made.member = me
+    made.members = tuple(members)
+    made.valid_until = time.monotonic() + 60
+    return made
+
+
+def owner(made: Router, key: str) -> str:
+    """Whom `made` sends route `key` to (itself when it keeps it)."""
+    return made.route(key, 10**9, 60.0) or made.member
+
+
+def test_owners_follow_joins_and_leaves_as_owner_of_over_the_new_members() -> None:
+    """The owners kept across membership changes are exactly `owner_of`
+    over the members after each change (joins, leaves, both at once)."""
+    rng = random.Random(7)
+    members = [f"m{i}" for i in range(40)]
+    made = router(members, "m0")
+    keys = [f"task\0({i},)\0[]" for i in range(3000)]
+    for key in keys:
+        owner(made, key)
+    spare = [f"n{i}" for i in range(100)]
+    for _ in range(30):
+        new = list(made.members)
+        for _ in range(rng.randint(0, 3)):
+            new.remove(rng.choice([m for m in new if m != "m0"]))
+        for _ in range(rng.randint(0, 3)):
+            new.append(spare.pop())
+        made._rehome(made.members, new)
+        made.members = tuple(new)
+        assert [owner(made, key) for key in keys] == [
+            owner_of(new, key) for key in keys
+        ]
+
+
+def test_a_join_moves_only_the_routes_the_joiner_wins() -> None:
+    members = [f"m{i}" for i in range(20)]
+    made = router(members, "m0")
+    keys = [f"k{i}" for i in range(2000)]
+    before = {key: owner(made, key) for key in keys}
+    made._rehome(made.members, [*members, "new"])
+    made.members = (*members, "new")
+    moved = {key for key in keys if owner(made, key) != before[key]}
+    assert moved == {key for key in keys if owner_of(made.members, key) == "new"}
+    assert 0 < len(moved) < 2000 / 21 * 2
+
+
+def test_a_route_that_fills_a_batch_here_stays_here() -> None:
+    members = ["a", "b"]
+    made = router(members, "a")
+    key = next(k for k in (f"k{i}" for i in range(100)) if owner_of(members, k) == "b")
+    sent = [made.route(key, 5, 60.0) for _ in range(8)]
+    assert sent[:4] == ["b"] * 4, "routed to its owner until it is hot here"
+    assert sent[4:] == [None] * 4, "batched here once a batch filled in one window"
+
+
+def test_no_routing_alone_or_on_a_stale_view() -> None:
+    alone = router(["a"], "a")
+    assert alone.route("k", 100, 1.0) is None
+    members = ["a", "b"]
+    stale = router(members, "a")
+    key = next(k for k in (f"k{i}" for i in range(100)) if owner_of(members, k) == "b")
+    assert stale.route(key, 100, 1.0) == "b"
+    stale.valid_until = time.monotonic() - 1
+    assert stale.route(key, 100, 1.0) is None, "a view past its validity moves nothing"
