@@ -255,6 +255,7 @@ class Result:
     move_calls: int = 0
     failed_moves: int = 0
     refused_reclaimed: int = 0
+    rerouted: int = 0
     """Refused moves of entries a reclaim had put back on the queue."""
     reads: int = 0
     hot_local: int = 0
@@ -415,6 +416,19 @@ def simulate(
                     res.failed_moves += 1
                     if again:
                         res.refused_reclaimed += 1
+                    # Router.gone: the refused owner leaves this process's
+                    # view, the move goes to the route's next owner (as of the
+                    # server's membership now), once.
+                    v_now = bisect.bisect_right(change_times, now) - 1
+                    second = all_owners[v_now][k]
+                    if second not in (q, owner) and server_member[second]:
+                        res.move_calls += 1
+                        res.moved += 1
+                        res.rerouted += 1
+                        heapq.heappush(
+                            heap, (now + 2 * hop, next(seq), INBOX, second, k, item)
+                        )
+                        return
         batch(q, k, item, now)
 
     def churn_event(i: int, now: float) -> None:
@@ -610,7 +624,8 @@ def run(cfg: Config, out=None) -> dict[str, object]:
         f"calls moved {rc.reclaimed} "
         f"inbox entries back to the queue; {rc.claimed} held items claimed "
         f"after the idle time; {rc.failed_moves} moves refused (owner no member), "
-        f"{rc.refused_reclaimed} of them of reclaimed entries"
+        f"{rc.refused_reclaimed} of them of reclaimed entries; {rc.rerouted} "
+        "refused moves went on to the next owner"
     )
     rf = results["fleet"]
     say(

@@ -75,3 +75,22 @@ def test_no_routing_alone_or_on_a_stale_view() -> None:
     assert stale.route(key, 100, 1.0) == "b"
     stale.valid_until = time.monotonic() - 1
     assert stale.route(key, 100, 1.0) is None, "a view past its validity moves nothing"
+
+
+def test_a_refused_member_leaves_the_view_at_once() -> None:
+    """`Router.gone`: the routes of a member the server refused a move to
+    go to their next owners before the next beat; a view of one is no view."""
+    members = [f"m{i}" for i in range(10)]
+    made = router(members, "m0")
+    keys = [f"k{i}" for i in range(500)]
+    for key in keys:
+        owner(made, key)
+    made.gone("m3")
+    assert "m3" not in made.members
+    rest = [m for m in members if m != "m3"]
+    assert [owner(made, key) for key in keys] == [owner_of(rest, key) for key in keys]
+    made.gone("m0")
+    assert "m0" in made.members, "this process never drops itself"
+    two = router(["a", "b"], "a")
+    two.gone("b")
+    assert two.owner("k") is None, "alone: batched here"

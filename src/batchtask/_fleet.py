@@ -328,14 +328,31 @@ class Router:
         rate.count += 1
         if rate.count >= batch_size:
             rate.hot_until = now + HOT_FOR * batch_timeout
-        members = self.members
-        if len(members) < 2 or now < rate.hot_until or now >= self.valid_until:
+        if now < rate.hot_until:
+            return None
+        return self.owner(key)
+
+    def owner(self, key: str) -> str | None:
+        """The member that owns route `key`; None: this one, or not routing."""
+        if len(self.members) < 2 or time.monotonic() >= self.valid_until:
             return None
         known = self._owners.get(key)
         if known is None:
-            owner = owner_of(members, key)
+            owner = owner_of(self.members, key)
             known = self._owners[key] = (owner, rendezvous(owner, key))
         return None if known[0] == self.member else known[0]
+
+    def gone(self, member: str) -> None:
+        """The server refused a move to `member`: it is no member any more.
+
+        Its routes go to their next owners now, not at the next beat: what
+        comes back from a dead member's inbox is read by processes that may
+        not have seen it expire yet.
+        """
+        if member in self.members and member != self.member:
+            members = tuple(m for m in self.members if m != member)
+            self._rehome(self.members, members)
+            self.members = members
 
     def start(self) -> None:
         """Join the fleet and beat until `stop`."""

@@ -88,7 +88,7 @@ from batchtask._shaping import (
 from batchtask._suspects import POISON, Gate, cap, mark
 from batchtask._task import BatchTask, batch_task_of, report
 from batchtask.brokers import BrokerAdapter, serve_in_process
-from batchtask.brokers._base import RawAck
+from batchtask.brokers._base import MemberGone, RawAck
 
 if TYPE_CHECKING:
     from taskiq.receiver import Receiver
@@ -326,14 +326,11 @@ class NativePath:
         router = self.router
         if router is not None and router.members and router.server.forwardable(data):
             config = task.config
-            owner = router.route(
-                route_key(message.task_name, message.args, message.kwargs),
-                config.batch_size,
-                config.batch_timeout,
-            )
+            key = route_key(message.task_name, message.args, message.kwargs)
+            owner = router.route(key, config.batch_size, config.batch_timeout)
             if owner is not None:
                 self._spawn(
-                    self._forward(task, message, data, owner, owns_delivery_slot)
+                    self._forward(task, message, data, key, owner, owns_delivery_slot)
                 )
                 return True
         self._take_here(task, message, data, owns_delivery_slot)
@@ -344,18 +341,36 @@ class NativePath:
         task: BatchTask[Any, ..., ..., Any, Any],
         message: TaskiqMessage,
         data: bytes | AckableMessage,
+        key: str,
         owner: str,
         owns_delivery_slot: bool,
     ) -> None:
-        """Move `data` to `owner`'s inbox; if it cannot move, batch it here."""
+        """Move `data` to the inbox of `owner`, which owns route `key`.
+
+        Refused because `owner` is no member any more: to the route's next
+        owner (once). If it cannot move, it is batched here.
+        """
         router = self.router
         assert router is not None
-        try:
-            # Bounded: a server that stalls must not hold the delivery (if the
-            # move lands after all, the owner runs it too: at least once).
-            await asyncio.wait_for(router.server.forward(owner, data), router.ttl)
-        except Exception as exc:
-            logger.debug("batchtask: moving %s failed (%r)", message.task_id, exc)
+        for _ in range(2):
+            try:
+                # Bounded: a server that stalls must not hold the delivery (if
+                # the move lands after all, the owner runs it too: at least once).
+                await asyncio.wait_for(router.server.forward(owner, data), router.ttl)
+            except MemberGone:
+                router.gone(owner)
+                next_owner = router.owner(key)
+                if next_owner is not None and next_owner != owner:
+                    owner = next_owner
+                    continue
+                self._take_here(task, message, data, owns_delivery_slot)
+                return
+            except Exception as exc:
+                logger.debug("batchtask: moving %s failed (%r)", message.task_id, exc)
+                self._take_here(task, message, data, owns_delivery_slot)
+                return
+            break
+        else:
             self._take_here(task, message, data, owns_delivery_slot)
             return
         router.forwarded += 1

@@ -86,6 +86,14 @@ class LeaseServer(Protocol):
         ...
 
 
+class MemberGone(Exception):
+    """The member a delivery was to move to is no longer in the fleet.
+
+    What a `RouteServer.forward` raises when the server refused the move
+    for that reason (the delivery is still here, unacked).
+    """
+
+
 class RouteServer(Protocol):
     """Where batches fill across the fleet (`batchtask._fleet.Router`).
 

@@ -42,6 +42,7 @@ from batchtask.brokers._base import (
     AckPairs,
     Coalescer,
     Delivery,
+    MemberGone,
     Options,
     PerMessage,
     RawAck,
@@ -715,10 +716,6 @@ return moved
 """For each move i (inbox KEYS[i + 2]; member, entry id of the queue KEYS[1],
 data in ARGV): if the member is alive, add the data to its inbox and ``XACK``
 the entry for group ARGV[1]; 1 if moved, 0 if not."""
-
-
-class MemberGone(Exception):
-    """The member a delivery was to move to is no longer in the fleet."""
 
 
 class StreamRoutes:
