@@ -81,21 +81,24 @@ def overlaps(calls: list[tuple[str, float, float, str]]) -> int:
     return found
 
 
-async def run_fleet(*flags: str, kill_one: bool = False) -> dict[str, object]:
+async def run_fleet(
+    *flags: str, kill_one: bool = False, kind: str = "stream"
+) -> dict[str, object]:
     """Two machines of two processes; traffic of KEYS keys, interleaved.
 
     With `kill_one`, the first machine is SIGKILLed halfway through the
     traffic, while calls run.
     """
     queue = new_queue()
-    with app_env(queue, **SETTINGS) as env:
+    settings = {**SETTINGS, "BATCHTASK_BROKER": kind}
+    with app_env(queue, **settings) as env:
         machines = [
             start_worker(env, "--workers", "2", *RECEIVER, *flags) for _ in range(2)
         ]
     try:
         for machine in machines:
             await wait_listening(machine)
-        with app_env(queue, **SETTINGS):
+        with app_env(queue, **settings):
             async with producer(queue) as app:
                 tasks = []
                 for round_ in range(PER_KEY):
@@ -128,17 +131,20 @@ async def run_fleet(*flags: str, kill_one: bool = False) -> dict[str, object]:
     }
 
 
-async def test_one_writer_per_key_holds_across_two_machines() -> None:
-    require_broker("stream")
-    fleet = await run_fleet()
-    per_process = await run_fleet("--receiver_arg", "fleet=false")
+@pytest.mark.parametrize("kind", ["stream", "postgres"])
+async def test_one_writer_per_key_holds_across_two_machines(kind: str) -> None:
+    """Leases on the stream's server; on PostgreSQL, advisory locks."""
+    require_broker(kind)
+    fleet = await run_fleet(kind=kind)
+    per_process = await run_fleet("--receiver_arg", "fleet=false", kind=kind)
     calls, counts = fleet["calls"], fleet["counts"]
     assert isinstance(calls, list)
     assert isinstance(counts, dict)
     reference = per_process["calls"]
     assert isinstance(reference, list)
     print(
-        f"one writer per key, 2 machines x 2 processes, {KEYS} keys x {PER_KEY}: "
+        f"one writer per key on {kind}, 2 machines x 2 processes, "
+        f"{KEYS} keys x {PER_KEY}: "
         f"fleet: {len(calls)} calls, {overlaps(calls)} overlapping; per process "
         f"(fleet=false): {len(reference)} calls, {overlaps(reference)} overlapping"
     )
@@ -149,16 +155,19 @@ async def test_one_writer_per_key_holds_across_two_machines() -> None:
     assert [r.return_value for r in results] == [2 * v for v in range(KEYS * PER_KEY)]
 
 
-async def test_one_writer_per_key_holds_when_a_machine_is_killed() -> None:
-    """One machine SIGKILLed mid-traffic: its leases expire, its items come back
-    (claimed once idle); still no two calls of one key at once, nothing lost."""
-    require_broker("stream")
-    fleet = await run_fleet(kill_one=True)
+@pytest.mark.parametrize("kind", ["stream", "postgres"])
+async def test_one_writer_per_key_holds_when_a_machine_is_killed(kind: str) -> None:
+    """One machine SIGKILLed mid-traffic: its leases expire (on PostgreSQL its
+    session ends, and its locks with it), its items come back (claimed once
+    idle; on PostgreSQL its rows are handed out again); still no two calls of
+    one key at once, nothing lost."""
+    require_broker(kind)
+    fleet = await run_fleet(kill_one=True, kind=kind)
     calls, counts = fleet["calls"], fleet["counts"]
     assert isinstance(calls, list)
     assert isinstance(counts, dict)
     print(
-        f"one writer per key, a machine killed halfway through the traffic "
+        f"one writer per key on {kind}, a machine killed halfway through the traffic "
         f"({fleet['calls_before_kill']} calls done by then): {len(calls)} calls, "
         f"{overlaps(calls)} overlapping, {sum(counts.values())} runs of "
         f"{KEYS * PER_KEY} items"
@@ -167,12 +176,27 @@ async def test_one_writer_per_key_holds_when_a_machine_is_killed() -> None:
     assert sorted(counts) == list(range(KEYS * PER_KEY)), "nothing lost"
 
 
+def server_port(kind: str) -> int:
+    """The port of broker `kind`'s server."""
+    return 5432 if kind == "postgres" else 6379
+
+
+def proxied_url(proxy: Proxy, kind: str) -> str:
+    """Broker `kind`'s URL through `proxy`."""
+    if kind == "postgres":
+        return proxy.url("postgresql", "postgres@") + "/test"
+    return proxy.url("redis")
+
+
 async def stopped_and_done(queue: str) -> list[tuple[str, float, float, str, str]]:
     """Each call: its pid, start, end, values, and done or stopped."""
     return [(p, s, e, v, how) for _, s, e, p, v, how in await listed(queue)]
 
 
-async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None:
+@pytest.mark.parametrize("kind", ["stream", "postgres"])
+async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time(
+    kind: str,
+) -> None:
     """A holder that cannot renew stops its call before the slot can pass on.
 
     Worker A (behind a proxy) runs an 8 s call of key k holding its lease;
@@ -181,11 +205,11 @@ async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None
     the slot only after that, runs A's items again (claimed once idle) and
     its own; no two calls of k overlap, nothing is lost.
     """
-    require_broker("stream")
+    require_broker(kind)
     queue = new_queue()
-    settings = {**SETTINGS, "BATCHTASK_WRITE_SECONDS": "8"}
-    async with Proxy(6379) as proxy:
-        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
+    settings = {**SETTINGS, "BATCHTASK_BROKER": kind, "BATCHTASK_WRITE_SECONDS": "8"}
+    async with Proxy(server_port(kind)) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxied_url(proxy, kind)}
         with app_env(queue, **settings, **through) as env:
             cut_off = start_worker(env, "--workers", "1", *RECEIVER)
         other = None
@@ -231,15 +255,16 @@ async def test_a_holder_cut_off_from_the_server_stops_its_call_in_time() -> None
     assert "could not be kept" in log
 
 
-async def test_a_call_is_not_made_without_its_lease() -> None:
+@pytest.mark.parametrize("kind", ["stream", "postgres"])
+async def test_a_call_is_not_made_without_its_lease(kind: str) -> None:
     """The server stops answering worker A while it holds a batch: A waits a
     lease's lifetime, then gives the batch back unmade (a warning); worker B
     claims the items once idle and runs each once."""
-    require_broker("stream")
+    require_broker(kind)
     queue = new_queue()
-    settings = {**SETTINGS, "BATCHTASK_BATCH_TIMEOUT": "2"}
-    async with Proxy(6379) as proxy:
-        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
+    settings = {**SETTINGS, "BATCHTASK_BROKER": kind, "BATCHTASK_BATCH_TIMEOUT": "2"}
+    async with Proxy(server_port(kind)) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxied_url(proxy, kind)}
         with app_env(queue, **settings, **through) as env:
             cut_off = start_worker(env, "--workers", "1", *RECEIVER)
         other = None

@@ -466,6 +466,123 @@ def _row_id(ack: object) -> int | None:
     return row if isinstance(row, int) and not isinstance(row, bool) else None
 
 
+LEASE_TABLE: Final = "batchtask_leases"
+"""The table of call-limit leases on the broker's database (made if missing)."""
+
+_LEASES_DDL: Final = (
+    f"CREATE TABLE IF NOT EXISTS {LEASE_TABLE} ("
+    " name text NOT NULL, slot integer NOT NULL, holder text NOT NULL,"
+    " expires_at timestamptz NOT NULL, fence bigint NOT NULL,"
+    " PRIMARY KEY (name, slot));"
+    f" CREATE SEQUENCE IF NOT EXISTS {LEASE_TABLE}_fence"
+)
+
+_LEASE_ACQUIRE: Final = (
+    f"WITH free AS (SELECT s FROM generate_series(0, $2 - 1) AS s"
+    f" WHERE NOT EXISTS (SELECT 1 FROM {LEASE_TABLE} AS l WHERE l.name = $1"
+    "  AND l.slot = s AND l.expires_at > clock_timestamp())"
+    " ORDER BY s LIMIT 1)"
+    f" INSERT INTO {LEASE_TABLE} AS l"
+    " SELECT $1, s, $3, clock_timestamp() + make_interval(secs => $4 / 1000.0),"
+    f" nextval('{LEASE_TABLE}_fence') FROM free"
+    " ON CONFLICT (name, slot) DO UPDATE SET holder = excluded.holder,"
+    " expires_at = excluded.expires_at, fence = excluded.fence"
+    " WHERE l.expires_at <= clock_timestamp()"
+    " RETURNING fence"
+)
+"""A free one of $2 slots of lease $1 for holder $3, for $4 ms by the server's
+clock: its fencing token, or no row. Two processes that pick the same slot
+meet on its key: the second finds it held and gets no row."""
+
+_LEASE_RENEW: Final = (
+    f"UPDATE {LEASE_TABLE} SET expires_at = clock_timestamp()"
+    " + make_interval(secs => $3 / 1000.0)"
+    " WHERE name = $1 AND holder = $2 AND expires_at > clock_timestamp()"
+    " RETURNING fence"
+)
+
+_LEASE_RELEASE: Final = f"DELETE FROM {LEASE_TABLE} WHERE name = $1 AND holder = $2"
+
+
+class TableLeases:
+    """Call-limit leases in a table of the broker's database (`batchtask._fleet`).
+
+    One row per held slot (``batchtask_leases``: lease name, slot, holder,
+    expiry by the server's clock, fencing token from a sequence), as the
+    Redis families keep them in sorted sets: a slot is free once its expiry
+    has passed, so a dead holder's slot comes free a lease time after its
+    last renewal, and a holder cut off from the server stops its call
+    (`batchtask._fleet`) before the server could give its slot away.
+
+    Why not advisory locks: PostgreSQL releases a session's advisory locks
+    the moment the session ends, and a dropped connection ends it, while the
+    holder's call may run on until it notices. A lock released before its
+    holder has stopped is no fence; an expiry the holder can count down to
+    is. One connection of this process's own, its queries one at a time;
+    the table and sequence are made at first use. No queue of waiters: a
+    slot goes to whichever process asks first after it comes free.
+    """
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        """Keep leases on `broker`'s database."""
+        self.broker = broker
+        self._asyncpg: Any = importlib.import_module("asyncpg")
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+        self._made = False
+
+    async def _session(self) -> Any:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            options: dict[str, Any] = {
+                "timeout": CONNECT_TIMEOUT,
+                **getattr(self.broker, "read_kwargs", {}),
+            }
+            dsn: Any = getattr(self.broker, "dsn", None)
+            conn = self._conn = await self._asyncpg.connect(dsn, **options)
+        if not self._made:
+            async with conn.transaction():
+                # Processes starting at once would race on CREATE ... IF NOT
+                # EXISTS; one at a time, by a lock held to the commit.
+                await conn.execute("SELECT pg_advisory_xact_lock(7427751)")
+                await conn.execute(_LEASES_DDL)
+            self._made = True
+        return conn
+
+    async def _query(self, sql: str, *args: object) -> Any:
+        async with self._lock:
+            conn = await self._session()
+            try:
+                return await conn.fetchval(sql, *args)
+            except BaseException:
+                # Unknown whether it ran: a fresh connection next time (a
+                # lease it may have granted expires unrenewed).
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
+
+    async def acquire(self, name: str, limit: int, holder: str, ttl_ms: int) -> int:
+        """A free one of `limit` slots of `name`: a fencing token, 0 if all are held."""
+        fence = await self._query(_LEASE_ACQUIRE, name, limit, holder, ttl_ms)
+        return 0 if fence is None else int(fence)
+
+    async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
+        """Extend `holder`'s lease of `name`; False if it expired or is gone."""
+        return await self._query(_LEASE_RENEW, name, holder, ttl_ms) is not None
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the slot back at once."""
+        await self._query(_LEASE_RELEASE, name, holder)
+
+    async def close(self) -> None:
+        """Close the connection (held slots expire unless released)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5.0)
+
+
 class Postgres(PerMessage):
     """taskiq-postgres's ``AsyncpgBroker``: `PostgresRedelivery` beside the receiver."""
 
@@ -476,6 +593,15 @@ class Postgres(PerMessage):
         """Serve `broker`; redelivery runs while a `BatchReceiver` listens."""
         super().__init__(broker, options)
         self.redelivery = PostgresRedelivery.for_broker(broker)
+        self.leases: TableLeases | None = None
+
+    def lease_server(self) -> TableLeases | None:
+        """Leases in the broker's database, unless the worker asked for none."""
+        if not self.options.fleet or not hasattr(self.broker, "dsn"):
+            return None
+        if self.leases is None:
+            self.leases = TableLeases(self.broker)
+        return self.leases
 
     def noted(self, data: Delivery) -> None:
         """Tag the delivery's row as this worker's."""
@@ -488,9 +614,11 @@ class Postgres(PerMessage):
             self.redelivery.start()
 
     async def stop(self) -> None:
-        """Stop sweeping; this worker's rows become reclaimable."""
+        """Stop sweeping; this worker's rows become reclaimable; end the leases."""
         if self.redelivery is not None:
             await self.redelivery.stop()
+        if self.leases is not None:
+            await self.leases.close()
 
     def changes(self) -> list[str]:
         """What redelivery needs and did not find."""
