@@ -28,11 +28,13 @@ taskiq tasks keep taskiq's own path.
   ``idle_timeout`` of their own (Cluster, Sentinel), the milliseconds after
   which an entry left unacknowledged by a dead consumer is claimed (default
   600000, taskiq-redis's default for ``RedisStreamBroker``).
-- ``--receiver_arg fleet=false``: ``max_concurrent_calls`` and
-  ``max_concurrent_calls_per_key`` hold per worker process only. By default,
-  on the Redis stream brokers, they hold across every `BatchReceiver` worker
-  of the stream: each call of a limited task holds a lease on the server
-  (`batchtask._fleet`, docs/fleets.md).
+- ``--receiver_arg fleet=false``: batches fill, and ``max_concurrent_calls``
+  and ``max_concurrent_calls_per_key`` hold, per worker process only. By
+  default, on the Redis stream brokers, each delivery moves to the process
+  that owns its batch key and the limits hold across every `BatchReceiver`
+  worker of the stream (on taskiq-postgres's broker, the limits): each call
+  of a limited task holds a lease on the server (`batchtask._fleet`,
+  docs/fleets.md).
 
 What the receiver knows about the broker (how it reads, what a delivery is,
 how acks go together) comes from the broker's adapter (`batchtask.brokers`).
