@@ -13,18 +13,22 @@ on by default for ``BatchReceiver`` workers on a Redis stream;
 
 Parts (rounds alternate the order of the two modes):
 
-1. **saturation**: prefill a stream with N no-op batched items
-   (``batch_size=100``, ``batch_timeout=0.5``), drain them with ``taskiq
-   worker fleet:broker --workers 2 --receiver batchtask:BatchReceiver``,
-   fleet (default) vs ``fleet=false``; items/s from "both processes
-   listen" to the N-th item, as ``bench/drain.py`` measures it (its
-   completion counter, process-group CPU), and worker CPU per item. Two
-   traffics: **one key** (every item the same batch key: hot in every
-   process, nothing moves) and **many keys** (``--keys`` keys interleaved
-   by rounds of 10 items: no key fills a batch window in one process, so
-   deliveries move to their owner). Moved: inner ``XADD`` calls of the
-   move script (``INFO commandstats`` of the bench's server, less the N of
-   the prefill) over N.
+1. **saturation**: a staging stream is prefilled with no-op batched items
+   (``batch_size=100``, ``batch_timeout=0.5``) before ``taskiq worker
+   fleet:broker --workers 2 --receiver batchtask:BatchReceiver`` starts on
+   an empty queue, fleet (default) vs ``fleet=false``; once both processes
+   listen (and, in fleet mode, see each other), one script copies every
+   entry to the queue at once, and the drain is timed from then to the N-th
+   item (completions counted as ``bench/drain.py`` does), with the worker's
+   CPU per item (its process group). The figure is the steady rate, between
+   10 % and 90 % of the items: the last partial batches of a drain wait out
+   ``batch_timeout``, which is a drain's end, not saturation (the whole
+   drain's rate is recorded too). Two traffics: **one key** (``--items``,
+   every item the same batch key: hot in every process, nothing moves) and
+   **many keys** (``--many-items`` of ``--keys`` keys, interleaved in
+   rounds of 50 items: no key fills a batch window in one process, so about
+   half the deliveries move to their owner). Moved: ``XADD`` calls after
+   the copy's (``INFO commandstats`` of the bench's server) over N.
 2. **idle**: the same worker command on an empty stream, fleet vs
    ``fleet=false``, one at a time; after a settling time, ``MONITOR`` of the
    bench's server for ``--idle-seconds``: the commands the worker processes
@@ -220,14 +224,14 @@ async def commandstats(client: Any) -> Counter[str]:
 
 
 async def prefill(queue: str, items: int, keys: int) -> None:
-    """`items` items of `keys` keys, interleaved in rounds of 10 per key."""
+    """`items` items of `keys` keys, interleaved in rounds of 50 per key."""
     producer, task = build_app(queue)
     await producer.startup()
     try:
         if keys == 1:
             await task.kiq_many(range(items), "k0")
         else:
-            per_key, chunk = items // keys, 10
+            per_key, chunk = items // keys, 50
             for first in range(0, per_key, chunk):
                 for key in range(keys):
                     base = key * per_key
@@ -405,15 +409,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     parts = set(args.parts.split(","))
     report: dict[str, Any] = {"command": sys.argv, "quick": args.quick}
     report.update(items=args.items, rounds=args.rounds, keys=args.keys)
+    report["many_items"] = args.many_items
     order = list(FLEET_MODES)
     with own_server():
         if "saturation" in parts:
             runs = []
             for round_ in range(args.rounds):
                 modes = order if round_ % 2 == 0 else order[::-1]
-                for keys in (1, args.keys):
+                for keys, count in ((1, args.items), (args.keys, args.many_items)):
                     for mode in modes:
-                        run = await saturation(mode, args.items, keys)
+                        run = await saturation(mode, count, keys)
                         run["round"] = round_
                         runs.append(run)
                         print(
@@ -585,6 +590,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=200)
+    parser.add_argument("--many-items", type=int, default=100000)
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--idle-rounds", type=int, default=2)
     parser.add_argument("--fill-rounds", type=int, default=2)
@@ -594,6 +600,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.items, args.rounds, args.idle_seconds = 4000, 1, 8.0
+        args.many_items = 10000
         args.idle_rounds, args.fill_rounds = 1, 1
     report = asyncio.run(main_async(args))
     print_table(report["summary"])
