@@ -23,7 +23,11 @@ printing its own table:
   path);
 - ``latency.py``: kiq to stored result for a trickle;
 - ``adaptive.py``: ``adaptive=True`` vs a fixed ``batch_timeout`` (2 s,
-  batch_size 100, a 5 ms call): a trickle's latency and a burst's batches.
+  batch_size 100, a 5 ms call): a trickle's latency and a burst's batches;
+- ``fleet.py``: what fleet mode costs (on a Redis server of its own, port
+  6399): the drain of a prefilled stream, one key and 200 keys, fleet vs
+  ``fleet=false``; the commands an idle worker sends; and the batches of a
+  fleet of 16 processes vs one.
 
 Then prints one table of the goals, each a ratio measured side by side in
 this run (of the medians over interleaved rounds; the detail gives the lowest
@@ -43,6 +47,11 @@ and highest ratio within one round):
 6. ``adaptive=True``: a trickle (one item every 50 ms) has a median kiq to
    result latency < 100 ms, and a burst of 2,000 items ``kiq_many`` has a
    mean batch size (items / calls) >= 90 (both reported without adaptive);
+   fleet mode (``fleet.py``): at saturation, steady items/s fleet /
+   ``fleet=false`` >= 0.9x with one key and with 200 keys; idle, <= 5
+   commands a second per worker process;
+1. (fleet) a fleet of 16 (4 ``taskiq worker --workers 4``, 5 ms calls) makes
+   batches >= 0.8x as large as one process on the same traffic;
 
 and, as "also:" rows, the 2 ms lock checks, ``kiq_many`` and the trickle
 latency. Writes every figure to ``bench/results/summary.json`` (each
@@ -412,6 +421,7 @@ def goals(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 unit=" items",
             )
         )
+    rows += fleet_rows(figures["fleet"]["summary"])
     latency = figures["latency"]
     bound_ms = latency["bound_s"] * 1000
     rows.append(
@@ -424,6 +434,62 @@ def goals(figures: dict[str, Any]) -> list[dict[str, Any]]:
             unit=" ms",
         )
     )
+    return rows
+
+
+def fleet_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Goal 6 (cost) and goal 1's fleet fill, from ``fleet.py``'s summary."""
+    rows = []
+    for name, label in (("one_key", "one key"), ("many_keys", "many keys")):
+        part = summary.get(name)
+        goal = f"6. fleet: saturation cost, {label}: fleet / fleet=false"
+        if part is None:
+            rows.append(row(goal, None, (">=", 0.9), "not measured"))
+            continue
+        rates, cpu = part["steady_items_per_s"], part["cpu_us_per_item"]
+        rows.append(
+            row(
+                goal,
+                part["ratio"],
+                (">=", 0.9),
+                f"{rates['fleet']:,.0f} vs {rates['per_process']:,.0f} items/s "
+                f"steady; CPU {cpu['fleet']:.0f} vs {cpu['per_process']:.0f} "
+                f"µs/item; moved {part['moved']:.0%}",
+                part["round_ratios"],
+            )
+        )
+    idle = summary.get("idle", {})
+    for mode, target in (("fleet", ("<=", 5.0)), ("per_process", None)):
+        part = idle.get(mode)
+        label = "fleet" if mode == "fleet" else "also: fleet=false"
+        goal = f"6. {label}: idle commands/s per process"
+        if part is None:
+            rows.append(row(goal, None, target, "not measured", unit=""))
+            continue
+        rows.append(
+            row(
+                goal,
+                part["commands_per_s_per_process"],
+                target,
+                ", ".join(f"{n} {v:.2f}" for n, v in part["by_command"].items())
+                + f"; in scripts {part['in_scripts_per_s_per_process']:.2f}",
+                unit="",
+            )
+        )
+    fill = summary.get("fill")
+    goal = "1. fleet of 16 (4 x 4, 5 ms calls): mean batch / one process"
+    if fill is None:
+        rows.append(row(goal, None, (">=", 0.8), "not measured"))
+    else:
+        means = fill["mean_batch"]
+        rows.append(
+            row(
+                goal,
+                fill["ratio"],
+                (">=", 0.8),
+                f"{means['fleet16']:.2f} vs {means['one']:.2f} items per call",
+            )
+        )
     return rows
 
 
@@ -604,7 +670,17 @@ def main() -> int:
         "--json",
         str(RESULTS / "adaptive.json"),
     )
+    step(
+        "1, 6 fleet",
+        "fleet.py",
+        *(["--quick"] if args.quick else ["--items", str(items)]),
+        "--rounds",
+        str(rounds),
+        "--json",
+        str(RESULTS / "fleet.json"),
+    )
     figures = {
+        "fleet": load("fleet.json"),
         "drain": drain_rates(load("drain.json")),
         "drain_rounds": drain_rounds(load("drain.json")),
         "drain_pg": drain_rates(load("drain-pg.json")),

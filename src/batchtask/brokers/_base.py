@@ -105,7 +105,8 @@ class RouteServer(Protocol):
     async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
         """Renew `member` for `ttl_ms`; the live members and the expired ones.
 
-        The member's inbox is made if it is not there.
+        The member's inbox is made at its first beat (and at the beat after
+        one that failed); a reader that finds it gone makes it again.
         """
         ...
 

@@ -55,6 +55,9 @@ logger = logging.getLogger("batchtask")
 CLAIM_EVERY = 1.0
 """Seconds between two ``XAUTOCLAIM`` rounds of one reader."""
 
+INBOX_CLAIM_MAX = 10.0
+"""Most seconds between two ``XAUTOCLAIM`` rounds of a fleet member's inbox."""
+
 DEFAULT_IDLE_MS = 600_000
 """Idle time before a claim where the broker has no ``idle_timeout`` (taskiq-redis's
 default for ``RedisStreamBroker``)."""
@@ -136,6 +139,16 @@ class StreamFamily(PerMessage):
             return int(own)
         return self.options.idle_timeout_ms or DEFAULT_IDLE_MS
 
+    @property
+    def inbox_claim_every(self) -> float:
+        """Seconds between two claims of the inbox: half the idle time.
+
+        At least `CLAIM_EVERY`, at most `INBOX_CLAIM_MAX`. Only this process
+        reads its inbox, so only its own entries left unacknowledged (a
+        failed batch's) wait there for the idle time.
+        """
+        return min(INBOX_CLAIM_MAX, max(CLAIM_EVERY, self.idle_ms / 2000))
+
     def streams(self) -> dict[Any, Any]:
         """The streams a read asks for, each with its starting id."""
         broker = self.stream
@@ -158,17 +171,22 @@ class StreamFamily(PerMessage):
         count = getattr(broker, "count", None) or 100
         block_ms = max(1, int(broker.block))
         loop = asyncio.get_running_loop()
-        claim_due = loop.time()
+        claim_due = inbox_due = loop.time()
         async with self.client() as client:
             while True:
                 if loop.time() >= claim_due:
                     for stream in list(self.streams()):
+                        inbox = stream == self.inbox
+                        if inbox and loop.time() < inbox_due:
+                            continue
                         try:
                             async for message in self._claim(client, stream):
                                 yield message
                         except Exception as exc:
-                            if stream != self.inbox or "NOGROUP" not in str(exc):
+                            if not inbox or "NOGROUP" not in str(exc):
                                 raise
+                        if inbox:
+                            inbox_due = loop.time() + self.inbox_claim_every
                     claim_due = loop.time() + CLAIM_EVERY
                 wait = max(1, min(block_ms, int((claim_due - loop.time()) * 1000)))
                 try:
@@ -666,13 +684,24 @@ INBOX_MARK = ":batchtask:inbox:"
 _BEAT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[3], '0', 'MKSTREAM')
+if ARGV[4] == '1' then
+  redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[3], '0', 'MKSTREAM')
+end
 redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
-return {redis.call('ZRANGEBYSCORE', KEYS[1], ms, '+inf'),
-        redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms)}
+local scored = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local live, expired = {}, {}
+for i = 1, #scored, 2 do
+  if tonumber(scored[i + 1]) >= ms then
+    live[#live + 1] = scored[i]
+  else
+    expired[#expired + 1] = scored[i]
+  end
+end
+return {live, expired}
 """
 """Renew member ARGV[1] of KEYS[1] for ARGV[2] ms, its inbox KEYS[2] read by
-group ARGV[3] first; the live members and the expired ones."""
+group ARGV[3] made first if ARGV[4] is 1; the live members and the expired
+ones (one ``ZRANGE``: a fleet's set is small)."""
 
 _RECLAIM = """
 local now = redis.call('TIME')
@@ -739,18 +768,36 @@ class StreamRoutes:
         self.members_key = f"{{{tag}}}:batchtask:members:{self.queue}"
         self._inbox_prefix = f"{{{tag}}}{INBOX_MARK}"
         self._moves: Coalescer[tuple[str, Delivery]] = Coalescer(self._forward)
+        self._made: set[str] = set()
+        """Members whose inbox group the last beat found made."""
 
     def inbox(self, member: str) -> str:
         """The name of `member`'s inbox."""
         return f"{self._inbox_prefix}{member}"
 
     async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
-        """Renew `member`; the live and the expired members."""
+        """Renew `member`; the live and the expired members.
+
+        The inbox's group is made at `member`'s first beat and at the beat
+        after one that failed, not at every beat; an inbox moved back to the
+        queue meanwhile (`reclaim`) is made again by the reader
+        (`StreamFamily.listen`, on ``NOGROUP``).
+        """
         group = self.family.stream.consumer_group_name
+        make = member not in self._made
+        self._made.discard(member)
         async with self.family.client() as client:
             reply: Any = await client.eval(
-                _BEAT, 2, self.members_key, self.inbox(member), member, ttl_ms, group
+                _BEAT,
+                2,
+                self.members_key,
+                self.inbox(member),
+                member,
+                ttl_ms,
+                group,
+                1 if make else 0,
             )
+        self._made.add(member)
         live, expired = reply[0], reply[1]
         return [_text(m) for m in live], [_text(m) for m in expired]
 
