@@ -168,6 +168,10 @@ def make_broker() -> AsyncBroker:
             dsn=BROKER_URL or PG_URL,
             channel_name=PG_TABLE,
             table_name=PG_TABLE,
+            # asyncpg's pool holds 10 connections by default: the fleets of
+            # worker processes of the suite's parallel runs would pass the
+            # server's 100.
+            write_kwargs={"min_size": 1, "max_size": 4},
         )
     elif KIND == "cluster":
         broker = RedisStreamClusterBroker(

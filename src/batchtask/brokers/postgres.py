@@ -58,6 +58,8 @@ PRIVATE_NAMES = (
     "taskiq_pg AsyncpgBroker._read_conn, ._owns_read_conn: its LISTEN connection",
     "taskiq_pg AsyncpgBroker._notification_handler(conn, pid, channel, payload)",
     "taskiq_pg AsyncpgBroker._queue: the notified row ids waiting for listen()",
+    "taskiq_pg AsyncpgBroker._write_pool: where call-limit leases borrow a "
+    "connection (TableLeases; a connection of their own without it)",
     "taskiq_pg AsyncpgBroker.listen.<locals>.ack: the row id as its "
     "_message_id keyword default",
 )
@@ -518,8 +520,9 @@ class TableLeases:
     the moment the session ends, and a dropped connection ends it, while the
     holder's call may run on until it notices. A lock released before its
     holder has stopped is no fence; an expiry the holder can count down to
-    is. One connection of this process's own, its queries one at a time;
-    the table and sequence are made at first use. No queue of waiters: a
+    is. Queries borrow a connection of the broker's write pool (a connection
+    of this process's own, its queries one at a time, if the broker has no
+    pool); the table and sequence are made at first use. No queue of waiters: a
     slot goes to whichever process asks first after it comes free.
     """
 
@@ -541,15 +544,26 @@ class TableLeases:
             dsn: Any = getattr(self.broker, "dsn", None)
             conn = self._conn = await self._asyncpg.connect(dsn, **options)
         if not self._made:
-            async with conn.transaction():
-                # Processes starting at once would race on CREATE ... IF NOT
-                # EXISTS; one at a time, by a lock held to the commit.
-                await conn.execute("SELECT pg_advisory_xact_lock(7427751)")
-                await conn.execute(_LEASES_DDL)
-            self._made = True
+            await self._make(conn)
         return conn
 
+    async def _make(self, conn: Any) -> None:
+        """Make the table and sequence if they are missing."""
+        async with conn.transaction():
+            # Processes starting at once would race on CREATE ... IF NOT
+            # EXISTS; one at a time, by a lock held to the commit.
+            await conn.execute("SELECT pg_advisory_xact_lock(7427751)")
+            await conn.execute(_LEASES_DDL)
+        self._made = True
+
     async def _query(self, sql: str, *args: object) -> Any:
+        pool: Any = getattr(self.broker, "_write_pool", None)
+        if pool is not None:
+            # The broker's own pool: no connection more per worker process.
+            async with pool.acquire() as conn:
+                if not self._made:
+                    await self._make(conn)
+                return await conn.fetchval(sql, *args)
         async with self._lock:
             conn = await self._session()
             try:
