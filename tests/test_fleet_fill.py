@@ -345,13 +345,17 @@ async def test_a_machine_stopped_gracefully_hands_its_inbox_back() -> None:
     assert overlaps(found["calls"]) == 0
 
 
-async def test_a_worker_without_the_receiver_in_the_fleet_strands_nothing() -> None:
+@pytest.mark.parametrize("kind", ["stream", "cluster"])
+async def test_a_worker_without_the_receiver_in_the_fleet_strands_nothing(
+    kind: str,
+) -> None:
     """Goal 7: a stock ``taskiq worker`` (no ``--receiver``) reads the same
-    stream: it is no member, batches what it reads, and nothing is stranded."""
-    require_broker("stream")
-    found = await run(1, 2, stock=1)
+    stream: it is no member, batches what it reads, and nothing is stranded
+    (a rolling deploy, on a Redis stream and on a Redis Cluster)."""
+    require_broker(kind)
+    found = await run(1, 2, stock=1, kind=kind)
     print(
-        f"two BatchReceiver processes and a stock one: {len(found['calls'])} "
+        f"{kind}: two BatchReceiver processes and a stock one: {len(found['calls'])} "
         f"calls by {len(found['pids'])} processes"
     )
     every_item_once(found)
