@@ -460,41 +460,18 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """Medians and ratios of what was measured."""
     summary: dict[str, Any] = {}
     for keys in {run["keys"] for run in report.get("saturation", [])}:
-        whole = {
-            mode: med(
-                [
-                    r["items_per_s"]
-                    for r in report["saturation"]
-                    if r["keys"] == keys and r["mode"] == mode
-                ]
-            )
-            for mode in FLEET_MODES
-        }
-        rates = {
-            mode: [
-                r["steady_items_per_s"]
+
+        def values(field: str, mode: str, keys: int = keys) -> list[float]:
+            return [
+                r[field]
                 for r in report["saturation"]
                 if r["keys"] == keys and r["mode"] == mode
             ]
-            for mode in FLEET_MODES
-        }
-        cpu = {
-            mode: med(
-                [
-                    r["cpu_us_per_item"]
-                    for r in report["saturation"]
-                    if r["keys"] == keys and r["mode"] == mode
-                ]
-            )
-            for mode in FLEET_MODES
-        }
-        moved = med(
-            [
-                r["moved"]
-                for r in report["saturation"]
-                if r["keys"] == keys and r["mode"] == "fleet"
-            ]
-        )
+
+        whole = {mode: med(values("items_per_s", mode)) for mode in FLEET_MODES}
+        rates = {mode: values("steady_items_per_s", mode) for mode in FLEET_MODES}
+        cpu = {mode: med(values("cpu_us_per_item", mode)) for mode in FLEET_MODES}
+        moved = med(values("moved", "fleet"))
         by_round = {}
         for r in report["saturation"]:
             if r["keys"] == keys:
