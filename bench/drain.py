@@ -221,9 +221,10 @@ class Completions:
     (seconds the calls held the lock, waiting for it not included).
     """
 
-    def __init__(self, key: str) -> None:
-        """Count into the Redis hash `key`."""
+    def __init__(self, key: str, url: str = REDIS_URL) -> None:
+        """Count into the Redis hash `key` on the server at `url`."""
         self.key = key
+        self.url = url
         self.items = 0
         self.calls = 0
         self.lock_s = 0.0
@@ -240,7 +241,7 @@ class Completions:
         self._flusher = asyncio.create_task(self._flush_forever())
 
     async def _flush_forever(self) -> None:
-        client = redis.from_url(REDIS_URL)
+        client = redis.from_url(self.url)
         while True:
             await asyncio.sleep(FLUSH_EVERY)
             if self.calls:

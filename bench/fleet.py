@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
-from taskiq import AsyncBroker, TaskiqEvents, TaskiqState
+from taskiq import AsyncBroker, TaskiqEvents
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -72,7 +72,6 @@ ENV_QUEUE = "BENCH_FLEET_QUEUE"
 BATCH_SIZE = 100
 BATCH_TIMEOUT = 0.5
 WORKERS = 2
-FLUSH_EVERY = 0.01
 POLL_EVERY = 0.01
 STARTUP_LIMIT = 90.0
 STALL_LIMIT = 30.0
@@ -84,34 +83,9 @@ RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 # --- the app: `taskiq worker fleet:broker`, configured by the environment ---
 
 
-class Completions:
-    """Items done in this worker process, added to a Redis hash every 10 ms."""
-
-    def __init__(self, key: str) -> None:
-        """Count into the Redis hash `key`."""
-        self.key = key
-        self.items = 0
-        self.calls = 0
-
-    async def start(self, state: TaskiqState) -> None:
-        """Start the flusher (a WORKER_STARTUP handler)."""
-        self._flusher = asyncio.create_task(self._flush_forever())
-
-    async def _flush_forever(self) -> None:
-        client = redis.from_url(URL)
-        while True:
-            await asyncio.sleep(FLUSH_EVERY)
-            if self.calls:
-                items, calls = self.items, self.calls
-                self.items, self.calls = 0, 0
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.hincrby(self.key, "items", items)
-                    pipe.hincrby(self.key, "calls", calls)
-                    await pipe.execute()
-
-
 def build_app(queue: str) -> tuple[AsyncBroker, Any]:
     """The stream broker of `queue` and its keyed no-op batch task."""
+    from drain import Completions  # items done, into a hash on this bench's server
     from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
     from batchtask import batch_task
@@ -123,15 +97,14 @@ def build_app(queue: str) -> tuple[AsyncBroker, Any]:
     made = RedisStreamBroker(
         URL, queue_name=queue, consumer_group_name=queue, consumer_id="0"
     ).with_result_backend(backend)
-    done = Completions(f"{queue}:done")
+    done = Completions(f"{queue}:done", URL)
     made.add_event_handler(TaskiqEvents.WORKER_STARTUP, done.start)
 
     @batch_task(
         made, batch_size=BATCH_SIZE, batch_timeout=BATCH_TIMEOUT, task_name="f:n"
     )
     async def noop_keyed(items: list[int], key: str) -> None:
-        done.items += len(items)
-        done.calls += 1
+        done.add(len(items))
 
     return made, noop_keyed
 
