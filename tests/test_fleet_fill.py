@@ -224,6 +224,16 @@ async def dedup_calls(queue: str) -> list[tuple[str, list[int]]]:
     return calls
 
 
+def ran_on(found: dict[str, Any], pids: Any) -> set[int]:
+    """The values passed to calls made by the processes `pids`."""
+    return {
+        int(value)
+        for pid, values in found["by_pid"]
+        if pid in pids
+        for value in values.split(",")
+    }
+
+
 def every_item_once(found: dict[str, Any], rounds: int = PER_KEY) -> None:
     """Each item ran once and its result is right."""
     assert found["counts"] == dict.fromkeys(range(KEYS * rounds), 1)
@@ -280,12 +290,7 @@ async def test_a_machine_killed_mid_traffic_loses_nothing() -> None:
     found = await run(2, 2, events={20: kill_one})
     counts, calls = found["counts"], found["calls"]
     twice = {value for value, count in counts.items() if count > 1}
-    on_killed = {
-        int(value)
-        for pid, values in found["by_pid"]
-        if pid in killed
-        for value in values.split(",")
-    }
+    on_killed = ran_on(found, killed)
     served_again = found["done_at"] - found["events"]["kill_one"]
     print(
         f"a machine killed 1.6 s in: {len(calls)} calls, {len(twice)} item(s) run "
@@ -476,12 +481,7 @@ async def test_a_worker_paused_past_its_membership_loses_nothing() -> None:
     found = await run(2, 2, events={15: pause})
     counts = found["counts"]
     twice = {value for value, count in counts.items() if count > 1}
-    on_paused = {
-        int(value)
-        for pid, values in found["by_pid"]
-        if pid in paused
-        for value in values.split(",")
-    }
+    on_paused = ran_on(found, paused)
     print(
         f"a process paused 7 s: {len(found['calls'])} calls, {len(twice)} item(s) "
         f"run twice, {len(on_paused)} items ran on the paused process"
