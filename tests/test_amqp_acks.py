@@ -71,6 +71,25 @@ async def test_a_batch_is_acked_with_one_frame_unless_an_older_delivery_is_open(
     assert len(channel.frames) == 5
 
 
+async def test_deliveries_noted_out_of_tag_order_are_never_covered_unfinished() -> None:
+    """Two consumers of one channel (the queue and a fleet inbox) merged: a
+    delivery numbered earlier may reach the worker later. A multiple ack
+    covers by tag, so the run starts at the lowest unacked tag."""
+    channel = FakeChannel()
+    acks = Amqp(InMemoryBroker())
+    messages = {tag: FakeMessage(channel, tag) for tag in (1, 2, 3, 4)}
+    for tag in (2, 3, 1, 4):  # 1 arrives after 2 and 3
+        assert acks.delivered(messages[tag].ack)
+
+    def pairs(tags: list[int]) -> list[tuple[AckController, Any]]:
+        return [(AckController(messages[t].ack), messages[t].ack) for t in tags]
+
+    await acks.ack_many(pairs([2, 3]))
+    assert channel.frames == [(2, False), (3, False)], "1 is still unfinished"
+    await acks.ack_many(pairs([1, 4]))
+    assert channel.frames[2:] == [(4, True)]
+
+
 @pytest.mark.parametrize("slow_key", [False, True], ids=["one key", "a slow key"])
 async def test_a_rabbitmq_worker_acks_batches_in_few_frames_and_leaves_nothing(
     slow_key: bool,

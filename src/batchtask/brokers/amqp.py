@@ -17,9 +17,13 @@ batchtask imports without taskiq-aio-pika installed).
 """
 
 import asyncio
+import contextlib
 import copy
-from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from taskiq import AckableMessage, AsyncBroker
 from taskiq.acks import AckController
@@ -27,13 +31,20 @@ from taskiq.acks import AckController
 from batchtask.brokers._base import (
     DEFAULTS,
     AckPairs,
+    Coalescer,
     Delivery,
+    MemberGone,
     Options,
     PerMessage,
     RawAck,
     UnackedCap,
     ack_each,
 )
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractChannel
+
+logger = logging.getLogger("batchtask")
 
 
 class Amqp(PerMessage):
@@ -46,14 +57,34 @@ class Amqp(PerMessage):
         ".redelivered: a delivery's ack as taskiq-aio-pika hands it out",
         "AioPikaBroker._delay_queue, ._delayed_message_exchange_plugin: whether "
         "its kick honours a delay label",
+        "AioPikaBroker._task_queues, .write_conn, .read_channel: the queue, and "
+        "the connection and channel the fleet's inboxes and heartbeats use",
     )
 
     def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
         """Track no delivery yet."""
         super().__init__(broker, options)
         self._channels: dict[int, _Channel] = {}
+        self._routes: AmqpRoutes | None = None
         self.round_trips = 0
         """``basic.ack`` frames sent so far (for tests and benchmarks)."""
+
+    def listen(self) -> AsyncIterator[Delivery]:
+        """The broker's ``listen()``, with this member's inbox in the fleet."""
+        main = aiter(self.broker.listen())
+        return main if self._routes is None else self._routes.listen(main)
+
+    def route_server(self) -> "AmqpRoutes | None":
+        """Members and inboxes on the broker's RabbitMQ (see `AmqpRoutes`).
+
+        None with ``fleet=false``, or with more than one task queue (which
+        one a message came from is the broker's routing, not the fleet's).
+        """
+        if self._routes is None and self.options.fleet and not self.changes():
+            queues: Any = getattr(self.broker, "_task_queues", None)
+            if isinstance(queues, list) and len(cast("list[object]", queues)) <= 1:
+                self._routes = AmqpRoutes(self)
+        return self._routes
 
     def noted(self, data: Delivery) -> None:
         """Note one delivery, in order, if acks are grouped."""
@@ -69,7 +100,7 @@ class Amqp(PerMessage):
         state = self._channels.get(id(channel))
         if state is None or state.channel is not channel:
             state = self._channels[id(channel)] = _Channel(channel)
-        state.unacked[tag] = None
+        state.note(tag)
         return True
 
     def redelivered(self, data: Delivery) -> bool | None:
@@ -169,19 +200,42 @@ class Amqp(PerMessage):
 
     def changes(self) -> list[str]:
         """What the checks need and did not find."""
-        needed = ("_qos", "_delay_queue", "_delayed_message_exchange_plugin")
+        needed = (
+            "_qos",
+            "_delay_queue",
+            "_delayed_message_exchange_plugin",
+            "_task_queues",
+            "write_conn",
+            "read_channel",
+        )
         return [
             f"AioPikaBroker.{name}" for name in needed if not hasattr(self.broker, name)
         ]
 
 
 class _Channel:
-    """One AMQP channel's deliveries not acked yet, oldest first."""
+    """One AMQP channel's deliveries not acked yet, by delivery tag."""
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.unacked: dict[int, None] = {}
+        """The tags not acked yet, lowest first: a ``multiple=True`` ack of a
+        tag covers every lower one."""
+        self.last = 0
         self.lock = asyncio.Lock()
+
+    def note(self, tag: int) -> None:
+        """Track `tag`, in tag order even if it is noted out of order.
+
+        Deliveries of two consumers of one channel (the queue and a fleet
+        inbox, or two task queues) reach the worker merged, not always in the
+        order the channel numbered them.
+        """
+        self.unacked[tag] = None
+        if tag < self.last:
+            self.unacked = dict.fromkeys(sorted(self.unacked))
+        else:
+            self.last = tag
 
 
 def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
@@ -196,3 +250,344 @@ def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
     if not isinstance(tag, int) or channel is None:
         return None
     return channel, tag
+
+
+# -- batches that fill across the fleet ---------------------------------------
+
+INBOX_PREFIX = "batchtask.inbox."
+"""A member's inbox: ``batchtask.inbox.<queue>.<member>``."""
+BEATS_PREFIX = "batchtask.fleet."
+"""The fanout exchange a queue's members beat on: ``batchtask.fleet.<queue>``."""
+INBOX_MESSAGE_TTL_MS = 20_000
+"""Milliseconds a message waits in an inbox unread before RabbitMQ dead-letters
+it back to the queue (``x-message-ttl``): what no member reclaims comes back."""
+INBOX_EXPIRES_MS = 60_000
+"""Milliseconds an inbox nobody reads lives on (``x-expires``): longer than a
+member's heartbeat and `INBOX_MESSAGE_TTL_MS` together, so it expires empty."""
+FORGET_AFTER = 3
+"""Heartbeat lifetimes after which an expired member is no longer reclaimed."""
+BEAT_TIMEOUT = 1.0
+"""Seconds a reclaim or a leave may spend on one message."""
+
+
+class AmqpRoutes:
+    """Members of the fleet and their inboxes, on the broker's RabbitMQ.
+
+    - **Members** beat on a fanout exchange of the queue
+      (``batchtask.fleet.<queue>``), each into an exclusive queue of its own
+      bound to it: every member hears every heartbeat, and counts a member
+      live while its last one is younger than the lifetime it announced, by
+      its own monotonic clock (no clock is compared across machines). A
+      member that leaves says so on the same exchange.
+    - **An inbox** is a durable queue per member,
+      ``batchtask.inbox.<queue>.<member>``, read on the broker's read channel
+      beside the queue (its acks go through the same ``multiple=True``
+      tracker). It dead-letters what waits in it unread for
+      `INBOX_MESSAGE_TTL_MS` back to the queue, and expires
+      `INBOX_EXPIRES_MS` after nobody reads it: a dead member's inbox
+      empties into the queue even if no member saw it die.
+    - **Moving** a delivery publishes it to the owner's inbox with
+      ``mandatory`` on a channel with publisher confirms, then acks it on the
+      queue: once RabbitMQ confirmed it, it is in the inbox; if the inbox is
+      gone the message comes back (`MemberGone`) and stays here unacked. A
+      crash between the confirm and the ack leaves a copy in both: at least
+      once (the redelivered copy is checked against the result backend).
+    - **Reclaiming** a dead member's inbox moves its ready messages to the
+      queue the same way, one ``basic.get`` and confirmed publish each.
+    """
+
+    def __init__(self, adapter: "Amqp") -> None:
+        """Route `adapter`'s broker's queue (its only task queue)."""
+        self.adapter = adapter
+        self.broker: Any = adapter.broker
+        self._heard: dict[str, tuple[float, float]] = {}
+        """Each member heard: (monotonic time of its last beat, its lifetime)."""
+        self._channel: AbstractChannel | None = None
+        self._beats_ready = False
+        self._inbox: asyncio.Queue[AckableMessage] = asyncio.Queue()
+        self._reading: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._member: str | None = None
+        self._acks: Coalescer[AckableMessage] = Coalescer(self._ack_moved)
+
+    @property
+    def queue(self) -> str:
+        """The broker's queue (known once it started)."""
+        queues: Any = getattr(self.broker, "_task_queues", None)
+        if not queues:
+            return "taskiq"
+        first: Any = queues[0]
+        return str(first.routing_key or first.name)
+
+    def inbox(self, member: str) -> str:
+        """The name of `member`'s inbox."""
+        return f"{INBOX_PREFIX}{self.queue}.{member}"
+
+    @property
+    def exchange(self) -> str:
+        """The fanout exchange members beat on."""
+        return f"{BEATS_PREFIX}{self.queue}"
+
+    # -- membership -------------------------------------------------------
+    async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
+        """Announce `member` for `ttl_ms`; the live members and the expired ones."""
+        from aio_pika import Message
+
+        channel = await self._publisher()
+        if not self._beats_ready:
+            await self._listen_beats(channel, member)
+            self._beats_ready = True
+        body = json.dumps({"member": member, "ttl": ttl_ms}).encode()
+        exchange = await channel.get_exchange(self.exchange, ensure=False)
+        await exchange.publish(Message(body), routing_key="")
+        now = time.monotonic()
+        self._heard[member] = (now, ttl_ms / 1000)
+        live: list[str] = []
+        expired: list[str] = []
+        for name, (at, ttl) in list(self._heard.items()):
+            if now - at < ttl:
+                live.append(name)
+            elif now - at < FORGET_AFTER * ttl:
+                expired.append(name)
+            else:
+                del self._heard[name]
+        return sorted(live), expired
+
+    async def _listen_beats(self, channel: "AbstractChannel", member: str) -> None:
+        from aio_pika import ExchangeType
+
+        exchange = await channel.declare_exchange(
+            self.exchange, ExchangeType.FANOUT, durable=False, auto_delete=True
+        )
+        beats = await channel.declare_queue(
+            f"{BEATS_PREFIX}{self.queue}.{member}", exclusive=True, auto_delete=True
+        )
+        await beats.bind(exchange)
+        await beats.consume(self._heard_beat, no_ack=True)
+
+    async def _heard_beat(self, message: Any) -> None:
+        try:
+            beat = json.loads(message.body)
+            member = str(beat["member"])
+            if beat.get("left"):
+                self._heard.pop(member, None)
+            else:
+                self._heard[member] = (time.monotonic(), int(beat["ttl"]) / 1000)
+        except Exception:  # not one of ours: ignored
+            logger.debug("batchtask: an unreadable heartbeat was ignored")
+
+    async def _publisher(self) -> "AbstractChannel":
+        """The channel heartbeats and moves are published on (confirms on)."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            connection = self.broker.write_conn
+            if connection is None:
+                raise RuntimeError("the broker has not started")
+            channel = self._channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._beats_ready = False
+        return channel
+
+    # -- moving -----------------------------------------------------------
+    def forwardable(self, data: Delivery) -> bool:
+        """A first delivery of the queue (not of an inbox, not redelivered)."""
+        if self._member is None or not isinstance(data, AckableMessage):
+            return False
+        message = getattr(data.ack, "__self__", None)
+        if message is None or type(message).__module__ != "aio_pika.message":
+            return False
+        if getattr(message, "redelivered", False):
+            return False
+        return not str(getattr(message, "routing_key", "")).startswith(INBOX_PREFIX)
+
+    async def forward(self, member: str, data: Delivery) -> None:
+        """Publish `data` to `member`'s inbox (confirmed), then ack it here."""
+        from aiormq.exceptions import PublishError
+
+        assert isinstance(data, AckableMessage)
+        channel = await self._publisher()
+        try:
+            await channel.default_exchange.publish(
+                _copy_of(getattr(data.ack, "__self__", None)),
+                routing_key=self.inbox(member),
+                mandatory=True,
+            )
+        except PublishError as exc:  # returned: no such inbox
+            raise MemberGone(member) from exc
+        try:
+            await self._acks.submit(data)
+        except Exception:  # it moved; its redelivered copy is checked
+            logger.debug("batchtask: acking a moved delivery failed", exc_info=True)
+
+    async def _ack_moved(
+        self, moved: list[AckableMessage]
+    ) -> list[BaseException | None]:
+        return await self.adapter.ack_many(
+            [(AckController(data.ack), data.ack) for data in moved]
+        )
+
+    # -- an inbox's way back ----------------------------------------------
+    async def reclaim(self, member: str, count: int) -> int:
+        """Move up to `count` of dead `member`'s inbox messages to the queue."""
+        heard = self._heard.get(member)
+        if heard is not None and time.monotonic() - heard[0] < heard[1]:
+            return -1
+        return await self._move_back(member, count)
+
+    async def leave(self, member: str, count: int) -> int:
+        """`member` leaving: say so, then move up to `count` of its inbox back."""
+        from aio_pika import Message
+
+        stopping = self._stopping
+        if stopping is not None:
+            await stopping
+        self._heard.pop(member, None)
+        channel = await self._publisher()
+        exchange = await channel.get_exchange(self.exchange, ensure=False)
+        body = json.dumps({"member": member, "left": True}).encode()
+        await exchange.publish(Message(body), routing_key="")
+        return await self._move_back(member, count)
+
+    async def _move_back(self, member: str, count: int) -> int:
+        from aio_pika.exceptions import ChannelNotFoundEntity
+
+        connection = self.broker.write_conn
+        if connection is None:
+            return 0
+        moved = 0
+        channel = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        try:
+            inbox = await channel.get_queue(self.inbox(member), ensure=False)
+            while moved < count:
+                message = await asyncio.wait_for(
+                    inbox.get(no_ack=False, fail=False), BEAT_TIMEOUT
+                )
+                if message is None:
+                    break
+                await channel.default_exchange.publish(
+                    _copy_of(message), routing_key=self.queue, mandatory=True
+                )
+                await message.ack()
+                moved += 1
+        except ChannelNotFoundEntity:  # no such inbox (any more)
+            pass
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        return moved
+
+    # -- reading ----------------------------------------------------------
+    def serve(self, member: str | None) -> None:
+        """Read `member`'s inbox beside the queue (None: stop reading it)."""
+        if member == self._member:
+            return
+        reading, self._reading = self._reading, None
+        self._member = member
+        if reading is not None:
+            self._stopping = asyncio.get_running_loop().create_task(
+                self._stop_reading(reading)
+            )
+        if member is not None:
+            self._reading = asyncio.get_running_loop().create_task(
+                self._read_inbox(member)
+            )
+
+    async def _read_inbox(self, member: str) -> None:
+        """Read `member`'s inbox on the broker's read channel, again after a fault."""
+        pause = 0.1
+        while True:
+            try:
+                channel = self.broker.read_channel
+                if channel is None:
+                    raise RuntimeError("the broker has not started")
+                inbox = await channel.declare_queue(
+                    self.inbox(member),
+                    durable=True,
+                    arguments={
+                        "x-message-ttl": INBOX_MESSAGE_TTL_MS,
+                        "x-expires": INBOX_EXPIRES_MS,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": self.queue,
+                    },
+                )
+                async with inbox.iterator() as messages:
+                    pause = 0.1
+                    async for message in messages:
+                        self._inbox.put_nowait(
+                            AckableMessage(data=message.body, ack=message.ack)
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning(
+                    "batchtask: reading this worker's inbox failed (%r); again in "
+                    "%.1f s",
+                    exc,
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    async def _stop_reading(self, reading: "asyncio.Task[None]") -> None:
+        """Stop `reading`; what it read and nobody took goes back to the inbox."""
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        while not self._inbox.empty():
+            data = self._inbox.get_nowait()
+            message: Any = getattr(data.ack, "__self__", None)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+
+    async def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+        """The queue's deliveries (`main`) and the inbox's, as they come."""
+        inbox = self._inbox
+        next_main: asyncio.Future[Delivery] = asyncio.ensure_future(anext(main))
+        next_inbox: asyncio.Future[AckableMessage] = asyncio.ensure_future(inbox.get())
+        try:
+            while True:
+                await asyncio.wait(
+                    (next_main, next_inbox), return_when=asyncio.FIRST_COMPLETED
+                )
+                if next_inbox.done():
+                    yield next_inbox.result()
+                    next_inbox = asyncio.ensure_future(inbox.get())
+                if next_main.done():
+                    try:
+                        data = next_main.result()
+                    except StopAsyncIteration:
+                        return
+                    yield data
+                    next_main = asyncio.ensure_future(anext(main))
+        finally:
+            next_main.cancel()
+            if next_inbox.done() and not next_inbox.cancelled():
+                inbox.put_nowait(next_inbox.result())  # still to be read
+            next_inbox.cancel()
+            with contextlib.suppress(BaseException):
+                await next_main
+            aclose = getattr(main, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+def _copy_of(message: Any) -> Any:
+    """An aio-pika ``Message`` with `message`'s body, headers and properties."""
+    from aio_pika import DeliveryMode, Message
+
+    return Message(
+        body=message.body,
+        headers=dict(message.headers or {}),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        type=message.type,
+    )
