@@ -131,9 +131,10 @@ async def run_fleet(
     }
 
 
-@pytest.mark.parametrize("kind", ["stream", "postgres"])
+@pytest.mark.parametrize("kind", ["stream", "postgres", "rabbitmq"])
 async def test_one_writer_per_key_holds_across_two_machines(kind: str) -> None:
-    """Leases on the stream's server; on PostgreSQL, advisory locks."""
+    """Leases on the stream's server; on PostgreSQL, in a table; on RabbitMQ,
+    on the Redis of its result backend."""
     require_broker(kind)
     fleet = await run_fleet(kind=kind)
     per_process = await run_fleet("--receiver_arg", "fleet=false", kind=kind)
@@ -155,7 +156,7 @@ async def test_one_writer_per_key_holds_across_two_machines(kind: str) -> None:
     assert [r.return_value for r in results] == [2 * v for v in range(KEYS * PER_KEY)]
 
 
-@pytest.mark.parametrize("kind", ["stream", "postgres"])
+@pytest.mark.parametrize("kind", ["stream", "postgres", "rabbitmq"])
 async def test_one_writer_per_key_holds_when_a_machine_is_killed(kind: str) -> None:
     """One machine SIGKILLed mid-traffic: its leases expire (on PostgreSQL its
     session ends, and its locks with it), its items come back (claimed once

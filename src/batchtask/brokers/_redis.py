@@ -541,7 +541,7 @@ class StreamFamily(PerMessage):
 
     def lease_server(self) -> "StreamLeases | None":
         """Leases on the stream's server, unless the worker asked for none."""
-        return StreamLeases(self) if self.options.fleet else None
+        return StreamLeases(self.client) if self.options.fleet else None
 
     def changes(self) -> list[str]:
         """What the reader and grouped acks need from the broker and did not find."""
@@ -625,11 +625,14 @@ LEASE_PREFIX = "batchtask:lease"
 
 
 class StreamLeases:
-    """Leases on a stream family's server (see the module)."""
+    """Leases on a Redis server (see the module).
 
-    def __init__(self, family: StreamFamily) -> None:
-        """Keep leases where `family`'s stream is."""
-        self.family = family
+    A stream family's own, or a result backend's (`backend_leases`).
+    """
+
+    def __init__(self, client: Callable[[], AbstractAsyncContextManager[Any]]) -> None:
+        """Keep leases on the server `client` gives a client of, per use."""
+        self.client = client
 
     @staticmethod
     def keys(name: str) -> tuple[str, str, str, str]:
@@ -642,7 +645,7 @@ class StreamLeases:
 
         A fencing token, or 0 if all are held or others asked first.
         """
-        async with self.family.client() as client:
+        async with self.client() as client:
             granted = await client.eval(
                 _ACQUIRE, 4, *self.keys(name), limit, holder, ttl_ms, QUEUE_STALE_MS
             )
@@ -651,7 +654,7 @@ class StreamLeases:
     async def renew(self, name: str, holder: str, ttl_ms: int) -> bool:
         """Extend `holder`'s lease of `name`; False if it expired or is gone."""
         holders, fence, _, _ = self.keys(name)
-        async with self.family.client() as client:
+        async with self.client() as client:
             kept = await client.eval(_RENEW, 2, holders, fence, holder, ttl_ms)
         return int(kept) == 1
 
@@ -659,13 +662,56 @@ class StreamLeases:
         """Give the slot back at once."""
         holders, _, queue, seen = self.keys(name)
         async with (
-            self.family.client() as client,
+            self.client() as client,
             client.pipeline(transaction=False) as pipe,
         ):
             pipe.zrem(holders, holder)
             pipe.zrem(queue, holder)
             pipe.zrem(seen, holder)
             await pipe.execute()
+
+
+BACKEND_NAMES = (
+    "taskiq_redis.RedisAsyncResultBackend.redis_pool, "
+    "RedisAsyncClusterResultBackend.redis, RedisAsyncSentinelResultBackend"
+    ".sentinel, .master_name: the result backend's server, where call limits "
+    "across the fleet keep their leases",
+)
+"""What `backend_leases` relies on (in the `private_names` of its adapters)."""
+
+
+def backend_leases(backend: object) -> StreamLeases | None:
+    """Leases on the server of a taskiq-redis result backend; None for others.
+
+    For a broker whose own server keeps no leases (RabbitMQ, NATS): the Redis
+    its results go to is a server the fleet already shares.
+    """
+    while type(backend).__name__ == "GroupedResultBackend":
+        backend = getattr(backend, "inner", None)
+    found: Any = backend
+    kind = f"{type(found).__module__}.{type(found).__qualname__}"
+    if kind == "taskiq_redis.redis_backend.RedisAsyncResultBackend":
+        pool = getattr(found, "redis_pool", None)
+        if pool is None:
+            return None
+
+        def plain() -> AbstractAsyncContextManager[Any]:
+            from redis.asyncio import Redis
+
+            return Redis(connection_pool=pool)
+
+        return StreamLeases(plain)
+    if kind == "taskiq_redis.redis_backend.RedisAsyncClusterResultBackend":
+        cluster = getattr(found, "redis", None)
+        return None if cluster is None else StreamLeases(lambda: kept(cluster))
+    if kind == "taskiq_redis.redis_backend.RedisAsyncSentinelResultBackend":
+        sentinel = getattr(found, "sentinel", None)
+        name = getattr(found, "master_name", None)
+        if sentinel is None or name is None:
+            return None
+        master = sentinel.master_for(name)
+        return StreamLeases(lambda: kept(master))
+    return None
 
 
 def hash_tag(name: str) -> str:

@@ -33,6 +33,7 @@ from batchtask.brokers._base import (
     AckPairs,
     Coalescer,
     Delivery,
+    LeaseServer,
     MemberGone,
     Options,
     PerMessage,
@@ -40,6 +41,7 @@ from batchtask.brokers._base import (
     UnackedCap,
     ack_each,
 )
+from batchtask.brokers._redis import BACKEND_NAMES, backend_leases
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractChannel
@@ -59,6 +61,7 @@ class Amqp(PerMessage):
         "its kick honours a delay label",
         "AioPikaBroker._task_queues, .write_conn, .read_channel: the queue, and "
         "the connection and channel the fleet's inboxes and heartbeats use",
+        *BACKEND_NAMES,
     )
 
     def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
@@ -73,6 +76,17 @@ class Amqp(PerMessage):
         """The broker's ``listen()``, with this member's inbox in the fleet."""
         main = aiter(self.broker.listen())
         return main if self._routes is None else self._routes.listen(main)
+
+    def lease_server(self) -> LeaseServer | None:
+        """Leases on the Redis of the broker's taskiq-redis result backend.
+
+        None for any other backend: RabbitMQ keeps nothing a holder could
+        fence (an exclusive consumer is let go when the server drops the
+        connection, which the holder may learn of later).
+        """
+        if not self.options.fleet:
+            return None
+        return backend_leases(self.broker.result_backend)
 
     def route_server(self) -> "AmqpRoutes | None":
         """Members and inboxes on the broker's RabbitMQ (see `AmqpRoutes`).
