@@ -400,20 +400,21 @@ async def test_a_machine_stopped_gracefully_hands_its_inbox_back(kind: str) -> N
     assert overlaps(found["calls"]) == 0
 
 
-@pytest.mark.parametrize("kind", ["stream", "cluster"])
+@pytest.mark.parametrize("kind", ["stream", "cluster", "rabbitmq"])
 async def test_a_worker_without_the_receiver_in_the_fleet_strands_nothing(
     kind: str,
 ) -> None:
     """Goal 7: a stock ``taskiq worker`` (no ``--receiver``) reads the same
     stream: it is no member, batches what it reads, and nothing is stranded
-    (a rolling deploy, on a Redis stream and on a Redis Cluster)."""
+    (a rolling deploy, on a Redis stream, a Redis Cluster and RabbitMQ)."""
     require_broker(kind)
-    found = await run(1, 2, stock=1, kind=kind)
+    keys = 39 if kind == "rabbitmq" else KEYS
+    found = await run(1, 2, stock=1, kind=kind, keys=keys)
     print(
         f"{kind}: two BatchReceiver processes and a stock one: {len(found['calls'])} "
         f"calls by {len(found['pids'])} processes"
     )
-    every_item_once(found)
+    every_item_once(found, keys=keys)
     assert len(found["pids"]) == 3, "the stock worker took its share"
 
 
@@ -455,38 +456,48 @@ async def test_a_saturating_key_is_not_funnelled_into_one_process() -> None:
     assert len(per_pid) == 4, "every process batches the hot key"
 
 
-async def test_a_member_cut_off_from_the_server_degrades_and_comes_back() -> None:
-    """Partition: worker A (behind a proxy) is cut off from Redis for 8 s.
+@pytest.mark.parametrize("kind", ["stream", "rabbitmq"])
+async def test_a_member_cut_off_from_the_server_degrades_and_comes_back(
+    kind: str,
+) -> None:
+    """Partition: worker A (behind a proxy) is cut off from its broker for 8 s.
 
     A stops routing and warns; B sees A's membership expire and moves what
     was forwarded to A's inbox back to the queue, so it runs; when A is back
     it joins again and takes its share (its inbox is made again). Nothing is
     lost; nothing hangs.
     """
-    require_broker("stream")
+    require_broker(kind)
     queue = new_queue()
-    async with Proxy(6379) as proxy:
-        through = {"BATCHTASK_BROKER_URL": proxy.url("redis")}
-        with app_env(queue, **SETTINGS, **through) as env:
+    settings = {**SETTINGS, "BATCHTASK_BROKER": kind}
+    keys = 39 if kind == "rabbitmq" else KEYS
+    port, url = (
+        (5672, ("amqp", "guest:guest@"))
+        if kind == "rabbitmq"
+        else (6379, ("redis", ""))
+    )
+    async with Proxy(port) as proxy:
+        through = {"BATCHTASK_BROKER_URL": proxy.url(*url) + "/"}
+        with app_env(queue, **settings, **through) as env:
             cut_off = start_worker(env, "--workers", "1", *RECEIVER)
-        with app_env(queue, **SETTINGS) as env:
+        with app_env(queue, **settings) as env:
             other = start_worker(env, "--workers", "1", *RECEIVER)
         try:
             for worker in (cut_off, other):
                 await wait_listening(worker)
-            await joined(queue, 2)
-            with app_env(queue, **SETTINGS):
+            await joined(queue, 2, kind)
+            with app_env(queue, **settings):
                 async with producer(queue) as app:
-                    first = await traffic(app, 10)
+                    first = await traffic(app, 10, keys=keys)
                     proxy.refuse(8)
-                    during = await traffic(app, 10, first=KEYS * 10)
+                    during = await traffic(app, 10, first=keys * 10, keys=keys)
                     await asyncio.sleep(8)
-                    await joined(queue, 2)  # A is back
+                    await joined(queue, 2, kind)  # A is back
                     back_at = time.time()
-                    after = await traffic(app, 10, first=KEYS * 20)
+                    after = await traffic(app, 10, first=keys * 20, keys=keys)
 
                     async def all_processed() -> bool:
-                        return len(await processed(queue)) >= KEYS * 30
+                        return len(await processed(queue)) >= keys * 30
 
                     await until(all_processed, 120, "every item processed")
                     calls = await listed(queue)
@@ -501,10 +512,11 @@ async def test_a_member_cut_off_from_the_server_degrades_and_comes_back() -> Non
             kill(other)
     a_after = [c for c in calls if c[3] in a_pids and c[1] >= back_at]
     print(
-        f"a member cut off for 8 s: {len(calls)} calls; once back, it made "
+        f"a member cut off from {kind} for 8 s: {len(calls)} calls; once back, "
+        f"it made "
         f"{len(a_after)} of the {sum(c[1] >= back_at for c in calls)} calls since"
     )
-    assert [r.return_value for r in results] == [2 * v for v in range(KEYS * 30)]
+    assert [r.return_value for r in results] == [2 * v for v in range(keys * 30)]
     assert "per process, until it does" in log
     assert a_after, "the member that was cut off takes its share again"
 
