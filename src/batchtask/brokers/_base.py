@@ -132,7 +132,10 @@ class RouteServer(Protocol):
         ...
 
     def forwardable(self, data: Delivery) -> bool:
-        """Whether `data` may move (a first delivery from the shared queue)."""
+        """Whether `data` may move: a delivery of the shared queue.
+
+        Never an inbox's; a family may refuse redelivered ones too.
+        """
         ...
 
     def serve(self, member: str | None) -> None:

@@ -118,13 +118,19 @@ class Amqp(PerMessage):
         return True
 
     def redelivered(self, data: Delivery) -> bool | None:
-        """AMQP's ``redelivered`` flag."""
+        """AMQP's ``redelivered`` flag.
+
+        Or a fleet inbox's copy of a delivery that had it (`AmqpRoutes.forward`).
+        """
         if not isinstance(data, AckableMessage):
             return False
         message = getattr(data.ack, "__self__", None)
         if message is None or type(message).__module__ != "aio_pika.message":
             return False
-        return bool(getattr(message, "redelivered", False))
+        if getattr(message, "redelivered", False):
+            return True
+        headers: Any = getattr(message, "headers", None) or {}
+        return REDELIVERED_HEADER in headers
 
     def stock_message(self, data: AckableMessage) -> AckableMessage:
         """A noted delivery, acked through the tracker on taskiq's path too.
@@ -278,10 +284,15 @@ it back to the queue (``x-message-ttl``): what no member reclaims comes back."""
 INBOX_EXPIRES_MS = 60_000
 """Milliseconds an inbox nobody reads lives on (``x-expires``): longer than a
 member's heartbeat and `INBOX_MESSAGE_TTL_MS` together, so it expires empty."""
+REDELIVERED_HEADER = "x-batchtask-redelivered"
+"""On an inbox's copy of a delivery RabbitMQ had delivered before."""
 FORGET_AFTER = 3
 """Heartbeat lifetimes after which an expired member is no longer reclaimed."""
 BEAT_TIMEOUT = 1.0
-"""Seconds a reclaim or a leave may spend on one message."""
+"""Seconds a reclaim or a leave may wait for one message."""
+MOVE_BACK_FOR = 0.5
+"""Seconds one reclaim or leave moves messages before it returns (the fleet's
+router waits a second for it)."""
 
 
 class AmqpRoutes:
@@ -318,7 +329,8 @@ class AmqpRoutes:
         """Each member heard: (monotonic time of its last beat, its lifetime)."""
         self._channel: AbstractChannel | None = None
         self._beats_ready = False
-        self._inbox: asyncio.Queue[AckableMessage] = asyncio.Queue()
+        self._inbox: asyncio.Queue[Delivery | _Ended] = asyncio.Queue()
+        """What the queue's reader and the inbox's have read, in order."""
         self._reading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._member: str | None = None
@@ -405,15 +417,24 @@ class AmqpRoutes:
 
     # -- moving -----------------------------------------------------------
     def forwardable(self, data: Delivery) -> bool:
-        """A first delivery of the queue (not of an inbox, not redelivered)."""
+        """A delivery of the queue, not of an inbox.
+
+        Redelivered ones move too (marked, so their owner checks them against
+        the result backend): a member that dies between a move's confirm and
+        its ack leaves a second copy in the queue, which then goes where the
+        first one went, and is recognised there, not run beside it.
+        """
         if self._member is None or not isinstance(data, AckableMessage):
             return False
         message = getattr(data.ack, "__self__", None)
         if message is None or type(message).__module__ != "aio_pika.message":
             return False
-        if getattr(message, "redelivered", False):
-            return False
-        return not str(getattr(message, "routing_key", "")).startswith(INBOX_PREFIX)
+        return not self._from_inbox(message)
+
+    @staticmethod
+    def _from_inbox(message: Any) -> bool:
+        """Whether aio-pika delivery `message` came from an inbox."""
+        return str(getattr(message, "routing_key", "")).startswith(INBOX_PREFIX)
 
     async def forward(self, member: str, data: Delivery) -> None:
         """Publish `data` to `member`'s inbox (confirmed), then ack it here."""
@@ -464,6 +485,13 @@ class AmqpRoutes:
         return await self._move_back(member, count)
 
     async def _move_back(self, member: str, count: int) -> int:
+        """Move up to `count` of `member`'s inbox to the queue, for a while.
+
+        Each message moves whole (its confirmed publish, then its ack) even
+        if the caller stops waiting: a move cut between the two would leave a
+        copy in both. After `MOVE_BACK_FOR` seconds it stops between two
+        messages; the next beat goes on.
+        """
         from aio_pika.exceptions import ChannelNotFoundEntity
 
         connection = self.broker.write_conn
@@ -473,26 +501,36 @@ class AmqpRoutes:
         channel = await connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
+        moving: asyncio.Future[None] | None = None
+        until = time.monotonic() + MOVE_BACK_FOR
         try:
             inbox = await channel.get_queue(self.inbox(member), ensure=False)
-            while moved < count:
+            while moved < count and time.monotonic() < until:
                 message = await asyncio.wait_for(
                     inbox.get(no_ack=False, fail=False), BEAT_TIMEOUT
                 )
                 if message is None:
                     break
-                await channel.default_exchange.publish(
-                    _copy_of(message), routing_key=self.queue, mandatory=True
-                )
-                await message.ack()
+                moving = asyncio.ensure_future(self._requeue(channel, message))
+                await asyncio.shield(moving)
                 moved += 1
         except ChannelNotFoundEntity:  # no such inbox (any more)
             pass
         finally:
+            if moving is not None and not moving.done():
+                with contextlib.suppress(BaseException):
+                    await moving
             if not channel.is_closed:
                 with contextlib.suppress(Exception):
                     await channel.close()
         return moved
+
+    async def _requeue(self, channel: "AbstractChannel", message: Any) -> None:
+        """Publish inbox `message` to the queue (confirmed), then ack it."""
+        await channel.default_exchange.publish(
+            _copy_of(message), routing_key=self.queue, mandatory=True
+        )
+        await message.ack()
 
     # -- reading ----------------------------------------------------------
     def serve(self, member: str | None) -> None:
@@ -551,52 +589,86 @@ class AmqpRoutes:
         reading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reading
+        kept: list[Delivery | _Ended] = []
         while not self._inbox.empty():
             data = self._inbox.get_nowait()
-            message: Any = getattr(data.ack, "__self__", None)
+            message: Any = (
+                getattr(data.ack, "__self__", None)
+                if isinstance(data, AckableMessage)
+                else None
+            )
+            if message is None or not self._from_inbox(message):
+                kept.append(data)  # the queue's: still to be read
+                continue
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
+        for data in kept:
+            self._inbox.put_nowait(data)
 
     async def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
-        """The queue's deliveries (`main`) and the inbox's, as they come."""
-        inbox = self._inbox
-        next_main: asyncio.Future[Delivery] = asyncio.ensure_future(anext(main))
-        next_inbox: asyncio.Future[AckableMessage] = asyncio.ensure_future(inbox.get())
+        """The queue's deliveries (`main`) and the inbox's, as they come.
+
+        One task reads `main` onto the queue the inbox's reader fills too
+        (what RabbitMQ hands out is bounded by the prefetch count); the end
+        or the error of `main` ends this iterator.
+        """
+        arrivals = self._inbox
+        ended = _Ended()
+        pump = asyncio.ensure_future(self._pump(main, ended))
         try:
             while True:
-                await asyncio.wait(
-                    (next_main, next_inbox), return_when=asyncio.FIRST_COMPLETED
-                )
-                if next_inbox.done():
-                    yield next_inbox.result()
-                    next_inbox = asyncio.ensure_future(inbox.get())
-                if next_main.done():
-                    try:
-                        data = next_main.result()
-                    except StopAsyncIteration:
-                        return
-                    yield data
-                    next_main = asyncio.ensure_future(anext(main))
+                data = await arrivals.get()
+                if isinstance(data, _Ended):
+                    if data is not ended:
+                        continue  # an earlier listen's end
+                    if data.error is not None:
+                        raise data.error
+                    return
+                yield data
         finally:
-            next_main.cancel()
-            if next_inbox.done() and not next_inbox.cancelled():
-                inbox.put_nowait(next_inbox.result())  # still to be read
-            next_inbox.cancel()
+            pump.cancel()
             with contextlib.suppress(BaseException):
-                await next_main
+                await pump
+
+    async def _pump(self, main: AsyncIterator[Delivery], ended: "_Ended") -> None:
+        arrivals = self._inbox
+        try:
+            async for data in main:
+                arrivals.put_nowait(data)
+        except Exception as exc:
+            ended.error = exc
+        finally:
+            arrivals.put_nowait(ended)
             aclose = getattr(main, "aclose", None)
             if aclose is not None:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):
                     await aclose()
 
 
+class _Ended:
+    """The end of one `AmqpRoutes.listen`'s queue reader, with its error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+
 def _copy_of(message: Any) -> Any:
-    """An aio-pika ``Message`` with `message`'s body, headers and properties."""
+    """An aio-pika ``Message`` with `message`'s body, headers and properties.
+
+    A copy of a delivery RabbitMQ had delivered before says so
+    (`REDELIVERED_HEADER`): where it is taken, it is checked against the
+    result backend before it runs.
+    """
     from aio_pika import DeliveryMode, Message
 
+    headers = dict(message.headers or {})
+    if message.redelivered:
+        headers[REDELIVERED_HEADER] = 1
     return Message(
         body=message.body,
-        headers=dict(message.headers or {}),
+        headers=headers,
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=DeliveryMode.PERSISTENT,
