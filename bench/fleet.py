@@ -35,7 +35,8 @@ Parts (rounds alternate the order of the two modes):
    sent per second per process (the goal), by command, and the commands run
    inside their scripts (``[lua]`` lines, not counted in the goal).
 3. **fill**: a fleet of 16 (4 ``taskiq worker --workers 4`` commands) vs one
-   process, on the traffic of ``tests/test_fleet_fill.py`` (40 keys of 50
+   process, and on RabbitMQ a fleet of 4 (2 x 2, 39 keys) vs one process, on
+   the traffic of ``tests/test_fleet_fill.py`` (40 keys of 50
    items, one item per key every 80 ms, ``batch_size=50``,
    ``batch_timeout=1.0``) with light work (``BATCHTASK_WRITE_SECONDS``: 5
    ms calls); mean batch (items per call) and its ratio to one process'.
@@ -359,13 +360,22 @@ async def idle(mode: str, seconds: float) -> dict[str, Any]:
 # --- 3. fill of a fleet of 16 ---
 
 
-async def fill(machines: int, per_machine: int, flags: tuple[str, ...]) -> float:
-    """Mean batch of ``tests/test_fleet_fill.py``'s traffic, light work."""
+async def fill(
+    machines: int, per_machine: int, flags: tuple[str, ...], kind: str = "stream"
+) -> float:
+    """Mean batch of ``tests/test_fleet_fill.py``'s traffic, light work.
+
+    On RabbitMQ with 39 keys: it hands a queue's messages to its consumers in
+    turn, and 40 keys over 4 consumers would give each key one process.
+    """
     sys.path.insert(0, str(ROOT))
     from tests import test_fleet_fill
 
     settings = {**test_fleet_fill.SETTINGS, "BATCHTASK_WRITE_SECONDS": "0.005"}
-    found = await test_fleet_fill.run(machines, per_machine, *flags, settings=settings)
+    keys = 39 if kind == "rabbitmq" else test_fleet_fill.KEYS
+    found = await test_fleet_fill.run(
+        machines, per_machine, *flags, settings=settings, kind=kind, keys=keys
+    )
     return float(found["mean"])
 
 
@@ -419,9 +429,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if "fill" in parts:
         runs = []
         for round_ in range(args.fill_rounds):
-            shapes = [("one", 1, 1), ("fleet16", 4, 4)]
-            for name, machines, per in shapes if round_ % 2 == 0 else shapes[::-1]:
-                mean = await fill(machines, per, ())
+            shapes = [
+                ("one", 1, 1, "stream"),
+                ("fleet16", 4, 4, "stream"),
+                ("one_rabbitmq", 1, 1, "rabbitmq"),
+                ("fleet4_rabbitmq", 2, 2, "rabbitmq"),
+            ]
+            for name, machines, per, kind in (
+                shapes if round_ % 2 == 0 else shapes[::-1]
+            ):
+                mean = await fill(machines, per, (), kind)
                 runs.append({"shape": name, "round": round_, "mean_batch": mean})
                 print(f"  fill round {round_} {name:8} mean batch {mean:.2f}")
         report["fill"] = runs
@@ -489,11 +506,12 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("fill"):
         means = {
             shape: med([r["mean_batch"] for r in report["fill"] if r["shape"] == shape])
-            for shape in ("one", "fleet16")
+            for shape in ("one", "fleet16", "one_rabbitmq", "fleet4_rabbitmq")
         }
         summary["fill"] = {
             "mean_batch": means,
             "ratio": means["fleet16"] / means["one"],
+            "rabbitmq_ratio": means["fleet4_rabbitmq"] / means["one_rabbitmq"],
         }
     return summary
 
@@ -531,6 +549,11 @@ def print_table(summary: dict[str, Any]) -> None:
             f"  fill, fleet of 16 (4 x 4, 5 ms calls): mean batch "
             f"{means['fleet16']:.2f} vs one process {means['one']:.2f} = "
             f"{part['ratio']:.2f}x"
+        )
+        print(
+            f"  fill on RabbitMQ, fleet of 4 (2 x 2, 5 ms calls, 39 keys): mean "
+            f"batch {means['fleet4_rabbitmq']:.2f} vs one process "
+            f"{means['one_rabbitmq']:.2f} = {part['rabbitmq_ratio']:.2f}x"
         )
 
 

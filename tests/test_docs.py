@@ -212,6 +212,29 @@ def test_repository_paths_in_the_prose_exist(page: Path) -> None:
     assert not missing, f"{page.name} names paths that do not exist: {missing}"
 
 
+TEST_NAME = re.compile(r"^(tests/[\w/]+\.py)::(\w+)(?:\[([\w-]+)\])?$")
+"""A test the prose names: ``tests/test_x.py::test_y`` or ``...::test_y[id]``."""
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_the_tests_the_prose_names_exist(page: Path) -> None:
+    """Each test a page names (the failure tables name one per row) is a test
+    function of that file, and each parameter id it names is one of its
+    parameter values."""
+    missing = []
+    for code in INLINE_CODE.findall(prose(page)):
+        found = TEST_NAME.match(code.strip("`"))
+        if found is None:
+            continue
+        path, name, param = found.groups()
+        source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
+        if not re.search(rf"^(?:async )?def {name}\(", source, re.M):
+            missing.append(f"{path}::{name}")
+        elif param is not None and f'"{param}"' not in source:
+            missing.append(f"{path}::{name}[{param}]")
+    assert not missing, f"{page.name} names tests that do not exist: {missing}"
+
+
 def heading_text(markdown: str) -> str:
     """A heading as rendered: without code marks, emphasis and link targets."""
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", markdown)
