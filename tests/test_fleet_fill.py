@@ -58,6 +58,8 @@ async def members(queue: str, kind: str = "stream") -> int:
     """How many worker processes are live members of `queue`'s fleet."""
     if kind == "rabbitmq":
         return await amqp_members(queue)
+    if kind == "nats":
+        return await nats_members(queue)
     client = stream_client(kind)
     try:
         now_ms = int(time.time() * 1000)
@@ -93,6 +95,28 @@ async def amqp_members(queue: str, listen: float = 1.5) -> int:
 
         await beats.consume(note, no_ack=True)
         await asyncio.sleep(listen)
+    return len(heard)
+
+
+async def nats_members(queue: str, listen: float = 1.5) -> int:
+    """The members heard beating on `queue`'s fleet subjects for `listen` s."""
+    import json
+
+    import nats
+
+    heard: set[str] = set()
+    client = await nats.connect("nats://127.0.0.1:4222")
+    try:
+
+        async def note(message: Any) -> None:
+            beat = json.loads(message.data)
+            if not beat.get("left"):
+                heard.add(beat["member"])
+
+        await client.subscribe(f"batchtask.fleet.{queue}.*", cb=note)
+        await asyncio.sleep(listen)
+    finally:
+        await client.close()
     return len(heard)
 
 
@@ -275,7 +299,7 @@ def every_item_once(
 
 
 @pytest.mark.xdist_group("fill")  # one kind at a time: each compares 3 runs' fill
-@pytest.mark.parametrize("kind", ["stream", "cluster", "sentinel", "rabbitmq"])
+@pytest.mark.parametrize("kind", ["stream", "cluster", "sentinel", "rabbitmq", "nats"])
 async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
     """Goal 1 of the fleets issue, in one run: fleet against one process.
 

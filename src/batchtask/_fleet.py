@@ -411,6 +411,12 @@ class Router:
                         f"heartbeat ({exc!r}); it batches what it receives, per "
                         "process, until it does"
                     )
+                elif not self.valid_until:
+                    self._warn(
+                        f"batchtask: joining the fleet failed ({exc!r}); this "
+                        "worker batches what it receives, per process, until it "
+                        "joins"
+                    )
             else:
                 self.valid_until = sent + self.ttl - min(MARGIN, self.ttl * 0.3)
                 members = tuple(live)

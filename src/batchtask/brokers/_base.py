@@ -8,6 +8,7 @@ module claims, and the base the family adapters override). `Coalescer` and
 """
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -440,6 +441,93 @@ class Coalescer(Generic[T]):
                 future.set_result(None)
             else:
                 future.set_exception(error)
+
+
+class _Ended:
+    """The end of one `Arrivals.listen`'s queue reader, with its error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+
+class Arrivals:
+    """A queue's deliveries and a fleet inbox's, merged in arrival order.
+
+    For a family whose inbox is a second consumer (RabbitMQ, NATS): its
+    reader `put`s what it reads; `listen` reads the queue with one task onto
+    the same arrivals (what the broker hands out is bounded by its prefetch)
+    and yields both as they come; the end or the error of the queue's reader
+    ends it.
+    """
+
+    def __init__(self) -> None:
+        """No arrivals yet."""
+        self._queue: asyncio.Queue[Delivery | _Ended] = asyncio.Queue()
+
+    def put(self, data: Delivery) -> None:
+        """One delivery of the inbox, to be read."""
+        self._queue.put_nowait(data)
+
+    async def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+        """The queue's deliveries (`main`) and the inbox's, as they come."""
+        arrivals = self._queue
+        ended = _Ended()
+        pump = asyncio.ensure_future(self._pump(main, ended))
+        try:
+            while True:
+                data = await arrivals.get()
+                if isinstance(data, _Ended):
+                    if data is not ended:
+                        continue  # an earlier listen's end
+                    if data.error is not None:
+                        raise data.error
+                    return
+                yield data
+        finally:
+            pump.cancel()
+            with contextlib.suppress(BaseException):
+                await pump
+
+    async def _pump(self, main: AsyncIterator[Delivery], ended: _Ended) -> None:
+        arrivals = self._queue
+        try:
+            async for data in main:
+                arrivals.put_nowait(data)
+        except Exception as exc:
+            ended.error = exc
+        finally:
+            arrivals.put_nowait(ended)
+            aclose = getattr(main, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+
+    async def stop_inbox(
+        self,
+        reading: "asyncio.Task[None]",
+        of_inbox: Callable[[Delivery], bool],
+        give_back: Callable[[Delivery], Awaitable[object]],
+    ) -> None:
+        """Stop the inbox's reader `reading`.
+
+        What it read and nobody took goes back to the inbox (`give_back`);
+        the queue's stays to be read.
+        """
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        kept: list[Delivery | _Ended] = []
+        while not self._queue.empty():
+            data = self._queue.get_nowait()
+            if isinstance(data, _Ended) or not of_inbox(data):
+                kept.append(data)
+                continue
+            with contextlib.suppress(Exception):
+                await give_back(data)
+        for data in kept:
+            self._queue.put_nowait(data)
 
 
 async def ack_each(controllers: Sequence[AckController]) -> list[BaseException | None]:

@@ -31,6 +31,7 @@ from taskiq.acks import AckController
 from batchtask.brokers._base import (
     DEFAULTS,
     AckPairs,
+    Arrivals,
     Coalescer,
     Delivery,
     LeaseServer,
@@ -329,8 +330,7 @@ class AmqpRoutes:
         """Each member heard: (monotonic time of its last beat, its lifetime)."""
         self._channel: AbstractChannel | None = None
         self._beats_ready = False
-        self._inbox: asyncio.Queue[Delivery | _Ended] = asyncio.Queue()
-        """What the queue's reader and the inbox's have read, in order."""
+        self._arrivals = Arrivals()
         self._reading: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._member: str | None = None
@@ -565,7 +565,7 @@ class AmqpRoutes:
                 async with inbox.iterator() as messages:
                     pause = 0.1
                     async for message in messages:
-                        self._inbox.put_nowait(
+                        self._arrivals.put(
                             AckableMessage(data=message.body, ack=message.ack)
                         )
             except asyncio.CancelledError:
@@ -582,72 +582,20 @@ class AmqpRoutes:
 
     async def _stop_reading(self, reading: "asyncio.Task[None]") -> None:
         """Stop `reading`; what it read and nobody took goes back to the inbox."""
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
-        kept: list[Delivery | _Ended] = []
-        while not self._inbox.empty():
-            data = self._inbox.get_nowait()
-            message: Any = (
-                getattr(data.ack, "__self__", None)
-                if isinstance(data, AckableMessage)
-                else None
-            )
-            if message is None or not self._from_inbox(message):
-                kept.append(data)  # the queue's: still to be read
-                continue
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-        for data in kept:
-            self._inbox.put_nowait(data)
 
-    async def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
-        """The queue's deliveries (`main`) and the inbox's, as they come.
+        def of_inbox(data: Delivery) -> bool:
+            message = getattr(getattr(data, "ack", None), "__self__", None)
+            return message is not None and self._from_inbox(message)
 
-        One task reads `main` onto the queue the inbox's reader fills too
-        (what RabbitMQ hands out is bounded by the prefetch count); the end
-        or the error of `main` ends this iterator.
-        """
-        arrivals = self._inbox
-        ended = _Ended()
-        pump = asyncio.ensure_future(self._pump(main, ended))
-        try:
-            while True:
-                data = await arrivals.get()
-                if isinstance(data, _Ended):
-                    if data is not ended:
-                        continue  # an earlier listen's end
-                    if data.error is not None:
-                        raise data.error
-                    return
-                yield data
-        finally:
-            pump.cancel()
-            with contextlib.suppress(BaseException):
-                await pump
+        async def give_back(data: Delivery) -> None:
+            message: Any = getattr(getattr(data, "ack", None), "__self__", None)
+            await message.nack(requeue=True)
 
-    async def _pump(self, main: AsyncIterator[Delivery], ended: "_Ended") -> None:
-        arrivals = self._inbox
-        try:
-            async for data in main:
-                arrivals.put_nowait(data)
-        except Exception as exc:
-            ended.error = exc
-        finally:
-            arrivals.put_nowait(ended)
-            aclose = getattr(main, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(BaseException):
-                    await aclose()
+        await self._arrivals.stop_inbox(reading, of_inbox, give_back)
 
-
-class _Ended:
-    """The end of one `AmqpRoutes.listen`'s queue reader, with its error."""
-
-    __slots__ = ("error",)
-
-    def __init__(self) -> None:
-        self.error: Exception | None = None
+    def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+        """The queue's deliveries (`main`) and the inbox's, as they come."""
+        return self._arrivals.listen(main)
 
 
 async def _publish_copy(channel: "AbstractChannel", message: Any, queue: str) -> None:

@@ -12,11 +12,30 @@ The brokers and their subclasses (recognised by class name and module, so
 batchtask imports without taskiq-nats installed).
 """
 
-from typing import ClassVar
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
-from taskiq import AckableMessage
+from taskiq import AckableMessage, AsyncBroker
 
-from batchtask.brokers._base import AckPairs, Delivery, PerMessage
+from batchtask.brokers._base import (
+    DEFAULTS,
+    AckPairs,
+    Arrivals,
+    Delivery,
+    LeaseServer,
+    MemberGone,
+    Options,
+    PerMessage,
+)
+from batchtask.brokers._redis import BACKEND_NAMES, backend_leases
+
+logger = logging.getLogger("batchtask")
 
 DEFAULT_ACK_WAIT = 30.0
 """Seconds: a NATS JetStream consumer's ``ack_wait`` when none is configured."""
@@ -29,15 +48,64 @@ class JetStream(PerMessage):
     private_names: ClassVar[tuple[str, ...]] = (
         "nats.aio.msg.Msg.ack, .metadata.num_delivered: a delivery's ack as "
         "taskiq-nats hands it out",
+        "PullBasedJetStreamBroker.js, .subject, .stream_config, .consumer_config: "
+        "the stream the fleet's heartbeats and inboxes sit beside",
+        *BACKEND_NAMES,
     )
 
+    def __init__(self, broker: AsyncBroker, options: Options = DEFAULTS) -> None:
+        """No routes yet."""
+        super().__init__(broker, options)
+        self._routes: JetStreamRoutes | None = None
+
+    def listen(self) -> AsyncIterator[Delivery]:
+        """The broker's ``listen()``, with this member's inbox in the fleet."""
+        main = aiter(self.broker.listen())
+        return main if self._routes is None else self._routes.listen(main)
+
+    def route_server(self) -> "JetStreamRoutes | None":
+        """Members and inboxes on the broker's JetStream (`JetStreamRoutes`).
+
+        Pull-based brokers only (a push consumer's deliveries are the server's
+        to spread); None with ``fleet=false``.
+        """
+        if (
+            self._routes is None
+            and self.options.fleet
+            and type(self.broker).__name__ == "PullBasedJetStreamBroker"
+            and not self.changes()
+        ):
+            self._routes = JetStreamRoutes(self)
+        return self._routes
+
+    def lease_server(self) -> LeaseServer | None:
+        """Leases on the Redis of the broker's taskiq-redis result backend.
+
+        None for any other backend: the limits hold per process.
+        """
+        if not self.options.fleet:
+            return None
+        return backend_leases(self.broker.result_backend)
+
+    def changes(self) -> list[str]:
+        """What fleet mode needs from the broker and did not find."""
+        # ``js`` is set at startup, after the receiver is made: used, not checked.
+        needed = ("subject", "stream_config", "consumer_config", "stream_name")
+        return [
+            f"{type(self.broker).__name__}.{name}"
+            for name in needed
+            if not hasattr(self.broker, name)
+        ]
+
     def redelivered(self, data: Delivery) -> bool | None:
-        """JetStream's delivery count above 1."""
+        """JetStream's delivery count above 1, or a moved copy of such a one."""
         if not isinstance(data, AckableMessage):
             return False
         message = getattr(data.ack, "__self__", None)
         if message is None or not type(message).__module__.startswith("nats."):
             return False
+        if MOVED_HEADER in (getattr(message, "headers", None) or {}):
+            return True
         try:
             return int(message.metadata.num_delivered) > 1
         except Exception:
@@ -62,3 +130,328 @@ class JetStream(PerMessage):
         if isinstance(ack_wait, (int, float)):
             return float(ack_wait), f"the NATS consumer's ack_wait={ack_wait:g}"
         return None
+
+
+# -- batches that fill across the fleet ---------------------------------------
+
+BEATS_PREFIX = "batchtask.fleet"
+"""A member beats on ``batchtask.fleet.<stream>.<token>`` (stream
+``batchtask_fleet_<stream>``, one message per subject)."""
+INBOX_PREFIX = "batchtask.inbox"
+"""A member's inbox: ``batchtask.inbox.<stream>.<token>`` (stream
+``batchtask_inbox_<stream>``, a work queue), read by consumer ``inbox_<token>``."""
+MOVED_HEADER = "Batchtask-Redelivered"
+"""On a moved copy of a delivery JetStream had delivered before."""
+MOVE_BACK_FOR = 0.5
+"""Seconds one reclaim or leave moves messages before it returns."""
+FETCH_TIMEOUT = 0.5
+"""Seconds an inbox's reader waits for messages per fetch."""
+
+
+def _token(member: str) -> str:
+    """`member` as one subject token and a consumer name (no dots, no spaces)."""
+    return hashlib.blake2b(member.encode(), digest_size=8).hexdigest()
+
+
+class JetStreamRoutes:
+    """Members of the fleet and their inboxes, on the broker's NATS JetStream.
+
+    - **Members** beat on a stream of their own
+      (``batchtask_fleet_<stream>``, one message kept per subject, a subject
+      per member). Every member follows it with an ordered consumer that
+      starts at each subject's last message: it knows every member that ever
+      beat and was not removed, with the time of its last beat by the
+      server's clock. A member is live while the newest beat heard (its own,
+      every second) is less than the lifetime it announced after its last:
+      no clock is compared across machines.
+    - **An inbox** is a subject per member in a work-queue stream
+      (``batchtask_inbox_<stream>``), read by a durable pull consumer
+      beside the queue's. A message is deleted once acked.
+    - **A move** publishes the delivery's data and headers to the owner's
+      inbox subject, waits for JetStream's acknowledgement of the publish,
+      then acks the delivery. A process that dies between the two leaves a
+      copy in both: the redelivered one moves too, marked, and is
+      recognised by the owner (against the result backend).
+    - **A dead member's inbox** (its heartbeat older than its lifetime) is
+      read through its own consumer by the others, each message published
+      to the queue's subject and then acked; once it is empty, the member's
+      consumer and heartbeat are removed.
+    """
+
+    def __init__(self, adapter: "JetStream") -> None:
+        """Route `adapter`'s broker's stream."""
+        self.adapter = adapter
+        self.broker: Any = adapter.broker
+        self._heard: dict[str, tuple[float, float]] = {}
+        """Each member: (server time of its last beat, its lifetime), seconds."""
+        self._now = 0.0
+        """The newest beat's server time: the server's clock, as last heard."""
+        self._ready = False
+        self._following: Any = None
+        self._arrivals = Arrivals()
+        self._reading: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._member: str | None = None
+
+    @property
+    def stream(self) -> str:
+        """The broker's stream."""
+        return str(self.broker.stream_config.name or self.broker.stream_name)
+
+    def _names(self) -> tuple[str, str]:
+        """The fleet's two streams: heartbeats and inboxes."""
+        return f"batchtask_fleet_{self.stream}", f"batchtask_inbox_{self.stream}"
+
+    def _beat_subject(self, member: str) -> str:
+        return f"{BEATS_PREFIX}.{self.stream}.{_token(member)}"
+
+    def inbox(self, member: str) -> str:
+        """The subject of `member`'s inbox."""
+        return f"{INBOX_PREFIX}.{self.stream}.{_token(member)}"
+
+    async def _prepare(self) -> None:
+        """Make the two streams and follow the heartbeats (once)."""
+        if self._ready:
+            return
+        from nats.js.api import (
+            ConsumerConfig,
+            DeliverPolicy,
+            RetentionPolicy,
+            StorageType,
+            StreamConfig,
+        )
+        from nats.js.errors import BadRequestError
+
+        beats, inboxes = self._names()
+        for config in (
+            StreamConfig(
+                name=beats,
+                subjects=[f"{BEATS_PREFIX}.{self.stream}.*"],
+                max_msgs_per_subject=1,
+                storage=StorageType.FILE,
+            ),
+            StreamConfig(
+                name=inboxes,
+                subjects=[f"{INBOX_PREFIX}.{self.stream}.*"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            ),
+        ):
+            try:
+                await self.broker.js.add_stream(config=config)
+            except BadRequestError as exc:  # made by another member already
+                if exc.err_code != 10058:
+                    raise
+        self._following = await self.broker.js.subscribe(
+            f"{BEATS_PREFIX}.{self.stream}.*",
+            cb=self._heard_beat,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT),
+        )
+        self._ready = True
+
+    async def _heard_beat(self, message: Any) -> None:
+        try:
+            beat = json.loads(message.data)
+            member = str(beat["member"])
+            at = message.metadata.timestamp.timestamp()
+        except Exception:  # not one of ours: ignored
+            logger.debug("batchtask: an unreadable heartbeat was ignored")
+            return
+        self._now = max(self._now, at)
+        if beat.get("left"):
+            self._heard.pop(member, None)
+        else:
+            self._heard[member] = (at, int(beat["ttl"]) / 1000)
+
+    async def beat(self, member: str, ttl_ms: int) -> tuple[list[str], list[str]]:
+        """Announce `member` for `ttl_ms`; the live members and the expired ones."""
+        await self._prepare()
+        body = json.dumps({"member": member, "ttl": ttl_ms}).encode()
+        await self.broker.js.publish(self._beat_subject(member), body)
+        self._heard.setdefault(member, (self._now, ttl_ms / 1000))
+        live: list[str] = []
+        expired: list[str] = []
+        for name, (at, ttl) in self._heard.items():
+            (live if self._now - at < ttl or name == member else expired).append(name)
+        return sorted(live), expired
+
+    # -- moving -----------------------------------------------------------
+    def forwardable(self, data: Delivery) -> bool:
+        """A delivery of the queue (its own subject), not of an inbox."""
+        if self._member is None or not isinstance(data, AckableMessage):
+            return False
+        message: Any = getattr(data.ack, "__self__", None)
+        if message is None or not type(message).__module__.startswith("nats."):
+            return False
+        return not str(getattr(message, "subject", "")).startswith(INBOX_PREFIX)
+
+    async def forward(self, member: str, data: Delivery) -> None:
+        """Publish `data` to `member`'s inbox (acknowledged), then ack it here.
+
+        :raises MemberGone: if `member` is no live member as last heard.
+        """
+        heard = self._heard.get(member)
+        if heard is None or self._now - heard[0] >= heard[1]:
+            raise MemberGone(member)
+        assert isinstance(data, AckableMessage)
+        message: Any = getattr(data.ack, "__self__", None)
+        await self.broker.js.publish(
+            self.inbox(member), message.data, headers=_headers_of(message)
+        )
+        try:
+            await message.ack()
+        except Exception:  # it moved; its redelivered copy is recognised
+            logger.debug("batchtask: acking a moved delivery failed", exc_info=True)
+
+    # -- an inbox's way back ----------------------------------------------
+    async def reclaim(self, member: str, count: int) -> int:
+        """Move up to `count` of dead `member`'s inbox messages to the queue."""
+        heard = self._heard.get(member)
+        if heard is not None and self._now - heard[0] < heard[1]:
+            return -1
+        return await self._move_back(member, count, own=False)
+
+    async def leave(self, member: str, count: int) -> int:
+        """`member` leaving: move up to `count` of its inbox back to the queue."""
+        stopping = self._stopping
+        if stopping is not None:
+            await stopping
+        return await self._move_back(member, count, own=True)
+
+    async def _move_back(self, member: str, count: int, *, own: bool) -> int:
+        """Move `member`'s inbox to the queue for a while.
+
+        Once it is empty, the member is removed: its consumer and heartbeat.
+        """
+        from nats.errors import TimeoutError as NatsTimeoutError
+        from nats.js.errors import NotFoundError
+
+        js = self.broker.js
+        beats, inboxes = self._names()
+        name = f"inbox_{_token(member)}"
+        moved = 0
+        until = time.monotonic() + MOVE_BACK_FOR
+        try:
+            reader = await js.pull_subscribe(
+                self.inbox(member), durable=name, stream=inboxes
+            )
+        except NotFoundError:
+            return 0
+        try:
+            empty = False
+            while moved < count and time.monotonic() < until:
+                try:
+                    messages = await reader.fetch(
+                        batch=min(100, count - moved), timeout=0.2
+                    )
+                except NatsTimeoutError:
+                    empty = True
+                    break
+                for message in messages:
+                    await asyncio.shield(self._requeue(message))
+                    moved += 1
+            if empty:
+                info = await js.consumer_info(inboxes, name)
+                if info.num_pending == 0 and info.num_ack_pending == 0:
+                    if own:
+                        body = json.dumps({"member": member, "left": True})
+                        await js.publish(self._beat_subject(member), body.encode())
+                    await js.delete_consumer(inboxes, name)
+                    await js.purge_stream(beats, subject=self._beat_subject(member))
+                    self._heard.pop(member, None)
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.unsubscribe()
+        return moved
+
+    async def _requeue(self, message: Any) -> None:
+        """Publish inbox `message` to the queue's subject, then ack it."""
+        await self.broker.js.publish(
+            self.broker.subject, message.data, headers=_headers_of(message)
+        )
+        await message.ack()
+
+    # -- reading ----------------------------------------------------------
+    def serve(self, member: str | None) -> None:
+        """Read `member`'s inbox beside the queue (None: stop reading it)."""
+        if member == self._member:
+            return
+        reading, self._reading = self._reading, None
+        self._member = member
+        loop = asyncio.get_running_loop()
+        if reading is not None:
+            self._stopping = loop.create_task(self._stop_reading(reading))
+        if member is not None:
+            self._reading = loop.create_task(self._read_inbox(member))
+
+    async def _read_inbox(self, member: str) -> None:
+        """Fetch `member`'s inbox onto the arrivals, again after a fault."""
+        from nats.errors import TimeoutError as NatsTimeoutError
+        from nats.js.api import ConsumerConfig
+
+        pause = 0.1
+        while True:
+            try:
+                await self._prepare()
+                main: Any = self.broker.consumer_config
+                config = ConsumerConfig(
+                    durable_name=f"inbox_{_token(member)}",
+                    ack_wait=getattr(main, "ack_wait", None),
+                    max_ack_pending=getattr(main, "max_ack_pending", None),
+                )
+                reader = await self.broker.js.pull_subscribe(
+                    self.inbox(member),
+                    durable=f"inbox_{_token(member)}",
+                    stream=self._names()[1],
+                    config=config,
+                )
+                pause = 0.1
+                while True:
+                    try:
+                        messages = await reader.fetch(batch=100, timeout=FETCH_TIMEOUT)
+                    except NatsTimeoutError:
+                        continue
+                    for message in messages:
+                        self._arrivals.put(
+                            AckableMessage(data=message.data, ack=message.ack)
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning(
+                    "batchtask: reading this worker's inbox failed (%r); again in "
+                    "%.1f s",
+                    exc,
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    async def _stop_reading(self, reading: "asyncio.Task[None]") -> None:
+        """Stop `reading`; what it read and nobody took goes back (``nak``)."""
+
+        def of_inbox(data: Delivery) -> bool:
+            message = getattr(getattr(data, "ack", None), "__self__", None)
+            return str(getattr(message, "subject", "")).startswith(INBOX_PREFIX)
+
+        async def give_back(data: Delivery) -> None:
+            message: Any = getattr(getattr(data, "ack", None), "__self__", None)
+            await message.nak()
+
+        await self._arrivals.stop_inbox(reading, of_inbox, give_back)
+
+    def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
+        """The queue's deliveries (`main`) and the inbox's, as they come."""
+        return self._arrivals.listen(main)
+
+
+def _headers_of(message: Any) -> dict[str, str]:
+    """`message`'s headers, marked if JetStream had delivered it before."""
+    headers = dict(message.headers or {})
+    try:
+        if int(message.metadata.num_delivered) > 1:
+            headers[MOVED_HEADER] = "1"
+    except Exception:  # no metadata: a plain message
+        pass
+    return headers
