@@ -346,7 +346,7 @@ async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
     assert ratio >= 2 * apart_ratio
 
 
-@pytest.mark.parametrize("kind", ["stream", "rabbitmq"])
+@pytest.mark.parametrize("kind", ["stream", "rabbitmq", "nats"])
 async def test_a_machine_killed_mid_traffic_loses_nothing(kind: str) -> None:
     """Goal 5: SIGKILL of a whole machine 1.6 s into the traffic.
 
@@ -413,7 +413,7 @@ async def test_a_machine_that_joins_takes_its_share() -> None:
     assert starts, "the machine that joined takes keys"
 
 
-@pytest.mark.parametrize("kind", ["stream", "rabbitmq"])
+@pytest.mark.parametrize("kind", ["stream", "rabbitmq", "nats"])
 async def test_a_machine_stopped_gracefully_hands_its_inbox_back(kind: str) -> None:
     """Goal 7 (a rolling deploy): SIGTERM to one machine mid-traffic; it runs
     what it holds, moves what is left in its inbox back to the queue, and

@@ -131,7 +131,7 @@ async def run_fleet(
     }
 
 
-@pytest.mark.parametrize("kind", ["stream", "postgres", "rabbitmq"])
+@pytest.mark.parametrize("kind", ["stream", "postgres", "rabbitmq", "nats"])
 async def test_one_writer_per_key_holds_across_two_machines(kind: str) -> None:
     """Leases on the stream's server; on PostgreSQL, in a table; on RabbitMQ,
     on the Redis of its result backend."""
