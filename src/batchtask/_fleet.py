@@ -2,7 +2,8 @@
 
 ``max_concurrent_calls`` and ``max_concurrent_calls_per_key`` bound the calls
 of one worker process by themselves. Under `batchtask.BatchReceiver`, on a
-broker whose adapter offers a `LeaseServer` (the Redis stream family), a call
+broker whose adapter offers a `LeaseServer` (the Redis stream family, and
+RabbitMQ and NATS with a taskiq-redis result backend), a call
 of a limited task also takes a lease for each limit, so the limits hold for
 every `BatchReceiver` worker on that broker, on every machine:
 

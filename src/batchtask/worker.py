@@ -30,11 +30,13 @@ taskiq tasks keep taskiq's own path.
   600000, taskiq-redis's default for ``RedisStreamBroker``).
 - ``--receiver_arg fleet=false``: batches fill, and ``max_concurrent_calls``
   and ``max_concurrent_calls_per_key`` hold, per worker process only. By
-  default, on the Redis stream brokers, each delivery moves to the process
-  that owns its batch key and the limits hold across every `BatchReceiver`
-  worker of the stream (on taskiq-postgres's broker, the limits): each call
-  of a limited task holds a lease on the server (`batchtask._fleet`,
-  docs/fleets.md).
+  default, on the Redis stream brokers, RabbitMQ (taskiq-aio-pika) and NATS
+  JetStream (taskiq-nats, pull-based), each delivery moves to the process
+  that owns its batch key, and the limits hold across every `BatchReceiver`
+  worker of the queue (on taskiq-postgres's broker, the limits): each call
+  of a limited task holds a lease on the stream's server, the broker's
+  database, or the Redis of a taskiq-redis result backend
+  (`batchtask._fleet`, docs/fleets.md).
 
 What the receiver knows about the broker (how it reads, what a delivery is,
 how acks go together) comes from the broker's adapter (`batchtask.brokers`).
