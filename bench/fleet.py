@@ -35,7 +35,8 @@ Parts (rounds alternate the order of the two modes):
    sent per second per process (the goal), by command, and the commands run
    inside their scripts (``[lua]`` lines, not counted in the goal).
 3. **fill**: a fleet of 16 (4 ``taskiq worker --workers 4`` commands) vs one
-   process, and on RabbitMQ a fleet of 4 (2 x 2, 39 keys) vs one process, on
+   process, and on RabbitMQ (39 keys) and NATS JetStream a fleet of 4 (2 x
+   2) vs one process, on
    the traffic of ``tests/test_fleet_fill.py`` (40 keys of 50
    items, one item per key every 80 ms, ``batch_size=50``,
    ``batch_timeout=1.0``) with light work (``BATCHTASK_WRITE_SECONDS``: 5
@@ -434,6 +435,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 ("fleet16", 4, 4, "stream"),
                 ("one_rabbitmq", 1, 1, "rabbitmq"),
                 ("fleet4_rabbitmq", 2, 2, "rabbitmq"),
+                ("one_nats", 1, 1, "nats"),
+                ("fleet4_nats", 2, 2, "nats"),
             ]
             for name, machines, per, kind in (
                 shapes if round_ % 2 == 0 else shapes[::-1]
@@ -506,12 +509,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("fill"):
         means = {
             shape: med([r["mean_batch"] for r in report["fill"] if r["shape"] == shape])
-            for shape in ("one", "fleet16", "one_rabbitmq", "fleet4_rabbitmq")
+            for shape in (
+                "one",
+                "fleet16",
+                "one_rabbitmq",
+                "fleet4_rabbitmq",
+                "one_nats",
+                "fleet4_nats",
+            )
         }
         summary["fill"] = {
             "mean_batch": means,
             "ratio": means["fleet16"] / means["one"],
             "rabbitmq_ratio": means["fleet4_rabbitmq"] / means["one_rabbitmq"],
+            "nats_ratio": means["fleet4_nats"] / means["one_nats"],
         }
     return summary
 
@@ -554,6 +565,11 @@ def print_table(summary: dict[str, Any]) -> None:
             f"  fill on RabbitMQ, fleet of 4 (2 x 2, 5 ms calls, 39 keys): mean "
             f"batch {means['fleet4_rabbitmq']:.2f} vs one process "
             f"{means['one_rabbitmq']:.2f} = {part['rabbitmq_ratio']:.2f}x"
+        )
+        print(
+            f"  fill on NATS JetStream, fleet of 4 (2 x 2, 5 ms calls): mean batch "
+            f"{means['fleet4_nats']:.2f} vs one process {means['one_nats']:.2f} = "
+            f"{part['nats_ratio']:.2f}x"
         )
 
 

@@ -490,17 +490,18 @@ def fleet_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{means['fleet16']:.2f} vs {means['one']:.2f} items per call",
             )
         )
-    goal = "1. RabbitMQ fleet of 4 (2 x 2, 5 ms calls): mean batch / one process"
-    if fill is None or "rabbitmq_ratio" not in fill:
-        rows.append(row(goal, None, (">=", 0.9), "not measured"))
-    else:
+    for family, label in (("rabbitmq", "RabbitMQ"), ("nats", "NATS JetStream")):
+        goal = f"1. {label} fleet of 4 (2 x 2, 5 ms calls): mean batch / one process"
+        if fill is None or f"{family}_ratio" not in fill:
+            rows.append(row(goal, None, (">=", 0.9), "not measured"))
+            continue
         means = fill["mean_batch"]
         rows.append(
             row(
                 goal,
-                fill["rabbitmq_ratio"],
+                fill[f"{family}_ratio"],
                 (">=", 0.9),
-                f"{means['fleet4_rabbitmq']:.2f} vs {means['one_rabbitmq']:.2f} "
+                f"{means[f'fleet4_{family}']:.2f} vs {means[f'one_{family}']:.2f} "
                 "items per call",
             )
         )
