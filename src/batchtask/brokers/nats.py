@@ -59,8 +59,15 @@ class JetStream(PerMessage):
         self._routes: JetStreamRoutes | None = None
 
     def listen(self) -> AsyncIterator[Delivery]:
-        """The broker's ``listen()``, with this member's inbox in the fleet."""
-        main = aiter(self.broker.listen())
+        """The broker's ``listen()``, with this member's inbox in the fleet.
+
+        A fetch that times out as asyncio's ``TimeoutError`` rather than
+        nats-py's (nats-py raises it when a fetch's deadline runs out between
+        its two requests; taskiq-nats catches only nats-py's) starts the
+        broker's ``listen()`` again, quietly: it is an empty fetch, not a
+        fault.
+        """
+        main = _fetching(self.broker)
         return main if self._routes is None else self._routes.listen(main)
 
     def route_server(self) -> "JetStreamRoutes | None":
@@ -146,6 +153,29 @@ MOVE_BACK_FOR = 0.5
 """Seconds one reclaim or leave moves messages before it returns."""
 FETCH_TIMEOUT = 0.5
 """Seconds an inbox's reader waits for messages per fetch."""
+
+
+async def _fetching(broker: Any) -> AsyncIterator[Delivery]:
+    """`broker`'s ``listen()``, again after an empty fetch (see `JetStream.listen`)."""
+    while True:
+        try:
+            async for data in broker.listen():
+                yield data
+            return
+        except TimeoutError:
+            if _stopping():
+                raise  # nats-py's answer to a cancelled fetch
+            logger.debug("batchtask: an empty fetch timed out; fetching again")
+
+
+def _stopping() -> bool:
+    """Whether this task is being cancelled.
+
+    nats-py turns a cancelled fetch into a ``TimeoutError``, which must then
+    end the loop, not retry.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _token(member: str) -> str:
@@ -324,7 +354,6 @@ class JetStreamRoutes:
 
         Once it is empty, the member is removed: its consumer and heartbeat.
         """
-        from nats.errors import TimeoutError as NatsTimeoutError
         from nats.js.errors import NotFoundError
 
         js = self.broker.js
@@ -345,7 +374,9 @@ class JetStreamRoutes:
                     messages = await reader.fetch(
                         batch=min(100, count - moved), timeout=0.2
                     )
-                except NatsTimeoutError:
+                except TimeoutError:  # nats-py's and asyncio's: empty
+                    if _stopping():
+                        raise
                     empty = True
                     break
                 for message in messages:
@@ -387,7 +418,6 @@ class JetStreamRoutes:
 
     async def _read_inbox(self, member: str) -> None:
         """Fetch `member`'s inbox onto the arrivals, again after a fault."""
-        from nats.errors import TimeoutError as NatsTimeoutError
         from nats.js.api import ConsumerConfig
 
         pause = 0.1
@@ -410,7 +440,9 @@ class JetStreamRoutes:
                 while True:
                     try:
                         messages = await reader.fetch(batch=100, timeout=FETCH_TIMEOUT)
-                    except NatsTimeoutError:
+                    except TimeoutError:  # nats-py's and asyncio's: empty
+                        if _stopping():
+                            raise
                         continue
                     for message in messages:
                         self._arrivals.put(
@@ -419,6 +451,8 @@ class JetStreamRoutes:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if _stopping():
+                    return  # cancelled, as nats-py's TimeoutError
                 logger.warning(
                     "batchtask: reading this worker's inbox failed (%r); again in "
                     "%.1f s",
