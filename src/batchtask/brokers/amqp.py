@@ -516,8 +516,8 @@ class AmqpRoutes:
             pass
         finally:
             if moving is not None and not moving.done():
-                with contextlib.suppress(BaseException):
-                    await moving
+                # Bounded: a channel that stalls must not hold a shutdown.
+                await asyncio.wait({moving}, timeout=BEAT_TIMEOUT)
             if not channel.is_closed:
                 with contextlib.suppress(Exception):
                     await channel.close()
