@@ -10,12 +10,15 @@ module claims, and the base the family adapters override). `Coalescer` and
 import asyncio
 import contextlib
 import copy
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypeVar
 
 from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, BrokerMessage
 from taskiq.acks import AckController
+
+logger = logging.getLogger("batchtask")
 
 T = TypeVar("T")
 
@@ -452,23 +455,117 @@ class _Ended:
         self.error: Exception | None = None
 
 
+def cancelling() -> bool:
+    """Whether the running task is being cancelled.
+
+    nats-py turns a cancelled fetch into a ``TimeoutError``: a loop that
+    retries on errors must then end, not retry.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+InboxReader = Callable[[str, Callable[[], None]], Awaitable[None]]
+"""Reads a member's inbox onto `Arrivals.put` until it fails; calls its second
+argument once reading works (the pause before the next try starts over)."""
+
+
 class Arrivals:
     """A queue's deliveries and a fleet inbox's, merged in arrival order.
 
-    For a family whose inbox is a second consumer (RabbitMQ, NATS): its
-    reader `put`s what it reads; `listen` reads the queue with one task onto
-    the same arrivals (what the broker hands out is bounded by its prefetch)
-    and yields both as they come; the end or the error of the queue's reader
-    ends it.
+    For a family whose inbox is a second consumer (RabbitMQ, NATS): `serve`
+    starts its inbox reader (again after a fault, with a growing pause) and
+    stops it; the reader `put`s what it reads. `listen` reads the queue with
+    one task onto the same arrivals (what the broker hands out is bounded by
+    its prefetch) and yields both as they come; the end or the error of the
+    queue's reader ends it.
     """
 
-    def __init__(self) -> None:
-        """No arrivals yet."""
+    def __init__(
+        self,
+        read: InboxReader,
+        of_inbox: Callable[[Delivery], bool],
+        give_back: Callable[[Delivery], Awaitable[object]],
+    ) -> None:
+        """Read inboxes with `read`.
+
+        What one read and nobody took goes back with `give_back` when it
+        stops (`of_inbox` tells which those are).
+        """
         self._queue: asyncio.Queue[Delivery | _Ended] = asyncio.Queue()
+        self._read = read
+        self._of_inbox = of_inbox
+        self._give_back = give_back
+        self.member: str | None = None
+        """The member whose inbox is read (None: none)."""
+        self._reading: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
 
     def put(self, data: Delivery) -> None:
         """One delivery of the inbox, to be read."""
         self._queue.put_nowait(data)
+
+    def serve(self, member: str | None) -> None:
+        """Read `member`'s inbox beside the queue (None: stop reading it)."""
+        if member == self.member:
+            return
+        reading, self._reading = self._reading, None
+        self.member = member
+        loop = asyncio.get_running_loop()
+        if reading is not None:
+            self._stopping = loop.create_task(self._stop(reading))
+        if member is not None:
+            self._reading = loop.create_task(self._keep_reading(member))
+
+    async def stopped(self) -> None:
+        """Wait until the inbox reader stopped by `serve` gave its rest back."""
+        stopping = self._stopping
+        if stopping is not None:
+            await stopping
+
+    async def _keep_reading(self, member: str) -> None:
+        pause = 0.1
+
+        def reading_works() -> None:
+            nonlocal pause
+            pause = 0.1
+
+        while True:
+            try:
+                await self._read(member, reading_works)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if cancelling():
+                    return  # cancelled, as a client's own error (nats-py)
+                logger.warning(
+                    "batchtask: reading this worker's inbox failed (%r); again in "
+                    "%.1f s",
+                    exc,
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    async def _stop(self, reading: "asyncio.Task[None]") -> None:
+        """Stop the inbox's reader `reading`.
+
+        What it read and nobody took goes back to the inbox (`give_back`);
+        the queue's stays to be read.
+        """
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        kept: list[Delivery | _Ended] = []
+        while not self._queue.empty():
+            data = self._queue.get_nowait()
+            if isinstance(data, _Ended) or not self._of_inbox(data):
+                kept.append(data)
+                continue
+            with contextlib.suppress(Exception):
+                await self._give_back(data)
+        for data in kept:
+            self._queue.put_nowait(data)
 
     async def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
         """The queue's deliveries (`main`) and the inbox's, as they come."""
@@ -503,31 +600,6 @@ class Arrivals:
             if aclose is not None:
                 with contextlib.suppress(BaseException):
                     await aclose()
-
-    async def stop_inbox(
-        self,
-        reading: "asyncio.Task[None]",
-        of_inbox: Callable[[Delivery], bool],
-        give_back: Callable[[Delivery], Awaitable[object]],
-    ) -> None:
-        """Stop the inbox's reader `reading`.
-
-        What it read and nobody took goes back to the inbox (`give_back`);
-        the queue's stays to be read.
-        """
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
-        kept: list[Delivery | _Ended] = []
-        while not self._queue.empty():
-            data = self._queue.get_nowait()
-            if isinstance(data, _Ended) or not of_inbox(data):
-                kept.append(data)
-                continue
-            with contextlib.suppress(Exception):
-                await give_back(data)
-        for data in kept:
-            self._queue.put_nowait(data)
 
 
 async def ack_each(controllers: Sequence[AckController]) -> list[BaseException | None]:

@@ -330,10 +330,7 @@ class AmqpRoutes:
         """Each member heard: (monotonic time of its last beat, its lifetime)."""
         self._channel: AbstractChannel | None = None
         self._beats_ready = False
-        self._arrivals = Arrivals()
-        self._reading: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Task[None] | None = None
-        self._member: str | None = None
+        self._arrivals = Arrivals(self._read_inbox, self._of_inbox, self._give_back)
         self._acks: Coalescer[AckableMessage] = Coalescer(self._ack_moved)
 
     @property
@@ -424,7 +421,7 @@ class AmqpRoutes:
         its ack leaves a second copy in the queue, which then goes where the
         first one went, and is recognised there, not run beside it.
         """
-        if self._member is None or not isinstance(data, AckableMessage):
+        if self._arrivals.member is None or not isinstance(data, AckableMessage):
             return False
         message = getattr(data.ack, "__self__", None)
         if message is None or type(message).__module__ != "aio_pika.message":
@@ -472,9 +469,7 @@ class AmqpRoutes:
         """`member` leaving: say so, then move up to `count` of its inbox back."""
         from aio_pika import Message
 
-        stopping = self._stopping
-        if stopping is not None:
-            await stopping
+        await self._arrivals.stopped()
         self._heard.pop(member, None)
         channel = await self._publisher()
         exchange = await channel.get_exchange(self.exchange, ensure=False)
@@ -531,67 +526,38 @@ class AmqpRoutes:
     # -- reading ----------------------------------------------------------
     def serve(self, member: str | None) -> None:
         """Read `member`'s inbox beside the queue (None: stop reading it)."""
-        if member == self._member:
-            return
-        reading, self._reading = self._reading, None
-        self._member = member
-        if reading is not None:
-            self._stopping = asyncio.get_running_loop().create_task(
-                self._stop_reading(reading)
-            )
-        if member is not None:
-            self._reading = asyncio.get_running_loop().create_task(
-                self._read_inbox(member)
-            )
+        self._arrivals.serve(member)
 
-    async def _read_inbox(self, member: str) -> None:
-        """Read `member`'s inbox on the broker's read channel, again after a fault."""
-        pause = 0.1
-        while True:
-            try:
-                channel = self.broker.read_channel
-                if channel is None:
-                    raise RuntimeError("the broker has not started")
-                inbox = await channel.declare_queue(
-                    self.inbox(member),
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": INBOX_MESSAGE_TTL_MS,
-                        "x-expires": INBOX_EXPIRES_MS,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": self.queue,
-                    },
-                )
-                async with inbox.iterator() as messages:
-                    pause = 0.1
-                    async for message in messages:
-                        self._arrivals.put(
-                            AckableMessage(data=message.body, ack=message.ack)
-                        )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning(
-                    "batchtask: reading this worker's inbox failed (%r); again in "
-                    "%.1f s",
-                    exc,
-                    pause,
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+    async def _read_inbox(self, member: str, reading_works: Callable[[], None]) -> None:
+        """Read `member`'s inbox on the broker's read channel until it fails."""
+        channel = self.broker.read_channel
+        if channel is None:
+            raise RuntimeError("the broker has not started")
+        inbox = await channel.declare_queue(
+            self.inbox(member),
+            durable=True,
+            arguments={
+                "x-message-ttl": INBOX_MESSAGE_TTL_MS,
+                "x-expires": INBOX_EXPIRES_MS,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.queue,
+            },
+        )
+        async with inbox.iterator() as messages:
+            reading_works()
+            async for message in messages:
+                self._arrivals.put(AckableMessage(data=message.body, ack=message.ack))
 
-    async def _stop_reading(self, reading: "asyncio.Task[None]") -> None:
-        """Stop `reading`; what it read and nobody took goes back to the inbox."""
+    def _of_inbox(self, data: Delivery) -> bool:
+        """Whether `data` was read from an inbox."""
+        message = getattr(getattr(data, "ack", None), "__self__", None)
+        return message is not None and self._from_inbox(message)
 
-        def of_inbox(data: Delivery) -> bool:
-            message = getattr(getattr(data, "ack", None), "__self__", None)
-            return message is not None and self._from_inbox(message)
-
-        async def give_back(data: Delivery) -> None:
-            message: Any = getattr(getattr(data, "ack", None), "__self__", None)
-            await message.nack(requeue=True)
-
-        await self._arrivals.stop_inbox(reading, of_inbox, give_back)
+    @staticmethod
+    async def _give_back(data: Delivery) -> None:
+        """An inbox's delivery nobody took, back to the inbox."""
+        message: Any = getattr(getattr(data, "ack", None), "__self__", None)
+        await message.nack(requeue=True)
 
     def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
         """The queue's deliveries (`main`) and the inbox's, as they come."""

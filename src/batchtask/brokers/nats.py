@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar
 
 from taskiq import AckableMessage, AsyncBroker
@@ -32,6 +32,7 @@ from batchtask.brokers._base import (
     MemberGone,
     Options,
     PerMessage,
+    cancelling,
 )
 from batchtask.brokers._redis import BACKEND_NAMES, backend_leases
 
@@ -163,19 +164,14 @@ async def _fetching(broker: Any) -> AsyncIterator[Delivery]:
                 yield data
             return
         except TimeoutError:
-            if _stopping():
+            if cancelling():
                 raise  # nats-py's answer to a cancelled fetch
             logger.debug("batchtask: an empty fetch timed out; fetching again")
 
 
-def _stopping() -> bool:
-    """Whether this task is being cancelled.
-
-    nats-py turns a cancelled fetch into a ``TimeoutError``, which must then
-    end the loop, not retry.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+def _consumer(member: str) -> str:
+    """The durable consumer that reads `member`'s inbox."""
+    return f"inbox_{_token(member)}"
 
 
 def _token(member: str) -> str:
@@ -218,10 +214,7 @@ class JetStreamRoutes:
         """The newest beat's server time: the server's clock, as last heard."""
         self._ready = False
         self._following: Any = None
-        self._arrivals = Arrivals()
-        self._reading: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Task[None] | None = None
-        self._member: str | None = None
+        self._arrivals = Arrivals(self._read_inbox, self._of_inbox, self._give_back)
 
     @property
     def stream(self) -> str:
@@ -309,7 +302,7 @@ class JetStreamRoutes:
     # -- moving -----------------------------------------------------------
     def forwardable(self, data: Delivery) -> bool:
         """A delivery of the queue (its own subject), not of an inbox."""
-        if self._member is None or not isinstance(data, AckableMessage):
+        if self._arrivals.member is None or not isinstance(data, AckableMessage):
             return False
         message: Any = getattr(data.ack, "__self__", None)
         if message is None or not type(message).__module__.startswith("nats."):
@@ -344,9 +337,7 @@ class JetStreamRoutes:
 
     async def leave(self, member: str, count: int) -> int:
         """`member` leaving: move up to `count` of its inbox back to the queue."""
-        stopping = self._stopping
-        if stopping is not None:
-            await stopping
+        await self._arrivals.stopped()
         return await self._move_back(member, count, own=True)
 
     async def _move_back(self, member: str, count: int, *, own: bool) -> int:
@@ -358,7 +349,7 @@ class JetStreamRoutes:
 
         js = self.broker.js
         beats, inboxes = self._names()
-        name = f"inbox_{_token(member)}"
+        name = _consumer(member)
         moved = 0
         until = time.monotonic() + MOVE_BACK_FOR
         try:
@@ -375,7 +366,7 @@ class JetStreamRoutes:
                         batch=min(100, count - moved), timeout=0.2
                     )
                 except TimeoutError:  # nats-py's and asyncio's: empty
-                    if _stopping():
+                    if cancelling():
                         raise
                     empty = True
                     break
@@ -406,74 +397,46 @@ class JetStreamRoutes:
     # -- reading ----------------------------------------------------------
     def serve(self, member: str | None) -> None:
         """Read `member`'s inbox beside the queue (None: stop reading it)."""
-        if member == self._member:
-            return
-        reading, self._reading = self._reading, None
-        self._member = member
-        loop = asyncio.get_running_loop()
-        if reading is not None:
-            self._stopping = loop.create_task(self._stop_reading(reading))
-        if member is not None:
-            self._reading = loop.create_task(self._read_inbox(member))
+        self._arrivals.serve(member)
 
-    async def _read_inbox(self, member: str) -> None:
-        """Fetch `member`'s inbox onto the arrivals, again after a fault."""
+    async def _read_inbox(self, member: str, reading_works: Callable[[], None]) -> None:
+        """Fetch `member`'s inbox onto the arrivals until it fails."""
         from nats.js.api import ConsumerConfig
 
-        pause = 0.1
+        await self._prepare()
+        main: Any = self.broker.consumer_config
+        reader = await self.broker.js.pull_subscribe(
+            self.inbox(member),
+            durable=_consumer(member),
+            stream=self._names()[1],
+            config=ConsumerConfig(
+                durable_name=_consumer(member),
+                ack_wait=getattr(main, "ack_wait", None),
+                max_ack_pending=getattr(main, "max_ack_pending", None),
+            ),
+        )
+        reading_works()
         while True:
             try:
-                await self._prepare()
-                main: Any = self.broker.consumer_config
-                config = ConsumerConfig(
-                    durable_name=f"inbox_{_token(member)}",
-                    ack_wait=getattr(main, "ack_wait", None),
-                    max_ack_pending=getattr(main, "max_ack_pending", None),
-                )
-                reader = await self.broker.js.pull_subscribe(
-                    self.inbox(member),
-                    durable=f"inbox_{_token(member)}",
-                    stream=self._names()[1],
-                    config=config,
-                )
-                pause = 0.1
-                while True:
-                    try:
-                        messages = await reader.fetch(batch=100, timeout=FETCH_TIMEOUT)
-                    except TimeoutError:  # nats-py's and asyncio's: empty
-                        if _stopping():
-                            raise
-                        continue
-                    for message in messages:
-                        self._arrivals.put(
-                            AckableMessage(data=message.data, ack=message.ack)
-                        )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if _stopping():
-                    return  # cancelled, as nats-py's TimeoutError
-                logger.warning(
-                    "batchtask: reading this worker's inbox failed (%r); again in "
-                    "%.1f s",
-                    exc,
-                    pause,
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+                messages = await reader.fetch(batch=100, timeout=FETCH_TIMEOUT)
+            except TimeoutError:  # nats-py's and asyncio's: empty
+                if cancelling():
+                    raise
+                continue
+            for message in messages:
+                self._arrivals.put(AckableMessage(data=message.data, ack=message.ack))
 
-    async def _stop_reading(self, reading: "asyncio.Task[None]") -> None:
-        """Stop `reading`; what it read and nobody took goes back (``nak``)."""
+    @staticmethod
+    def _of_inbox(data: Delivery) -> bool:
+        """Whether `data` was read from an inbox."""
+        message = getattr(getattr(data, "ack", None), "__self__", None)
+        return str(getattr(message, "subject", "")).startswith(INBOX_PREFIX)
 
-        def of_inbox(data: Delivery) -> bool:
-            message = getattr(getattr(data, "ack", None), "__self__", None)
-            return str(getattr(message, "subject", "")).startswith(INBOX_PREFIX)
-
-        async def give_back(data: Delivery) -> None:
-            message: Any = getattr(getattr(data, "ack", None), "__self__", None)
-            await message.nak()
-
-        await self._arrivals.stop_inbox(reading, of_inbox, give_back)
+    @staticmethod
+    async def _give_back(data: Delivery) -> None:
+        """An inbox's delivery nobody took, back to the inbox (``nak``)."""
+        message: Any = getattr(getattr(data, "ack", None), "__self__", None)
+        await message.nak()
 
     def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
         """The queue's deliveries (`main`) and the inbox's, as they come."""
