@@ -220,7 +220,11 @@ async def run(
                         return len(await results_of(tasks)) == len(tasks)
                     return len(await processed(queue)) >= total
 
-                await until(all_processed, 120, "every item processed")
+                try:
+                    await until(all_processed, 120, "every item processed")
+                except AssertionError:
+                    await explain(queue, kind, total, workers)
+                    raise
                 done_at = time.time()
                 await asyncio.sleep(1.0)  # a late or second call would show now
                 calls = await listed(queue)
@@ -247,6 +251,34 @@ async def run(
         "workers": workers,
         "sent_in": sent_in,
     }
+
+
+async def explain(
+    queue: str, kind: str, total: int, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Print what a stuck run holds: the items not processed, what the
+    queue's consumers (and the fleet's inboxes, on Redis) still hold, and the
+    end of each worker's log."""
+    counts = await processed(queue)
+    missing = sorted(set(range(total)) - set(counts))
+    print(f"not processed: {len(missing)} of {total}, first {missing[:20]}")
+    if kind in ("stream", "cluster", "sentinel"):
+        client = stream_client(kind)
+        try:
+            names = [queue]
+            async for name in client.scan_iter(match=f"*{queue}*:batchtask:inbox:*"):
+                names.append(name.decode() if isinstance(name, bytes) else name)
+            for name in names:
+                length = await client.xlen(name)
+                pending = await client.xpending(name, queue)
+                print(f"{name}: length {length}, pending {pending}")
+        except Exception as exc:  # a diagnosis only: never hides the failure
+            print(f"could not read the streams: {exc!r}")
+        finally:
+            await client.aclose()
+    for worker in workers:
+        tail = worker_log(worker).splitlines()[-40:]
+        print(f"--- worker {worker.pid} (exit {worker.poll()}):", *tail, sep="\n")
 
 
 async def joined(queue: str, size: int, kind: str = "stream") -> None:
@@ -339,23 +371,32 @@ async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
     every_item_once(fleet, keys=keys)
     assert overlaps(fleet["calls"]) == 0
     assert len(fleet["pids"]) == 4, "every process batches its share of keys"
-    assert ratio > apart_ratio
     # Goal 1 (>= 0.9x) is measured on a quiet machine by bench/fleet.py
     # (./scripts/bench: 1.00x on every family). Here the suite's other fleets
     # share the two cores: the three runs are not of one load, and a loaded
     # fleet's moves land later (0.79-0.82x seen under the whole suite at one
     # pace, 1.00x alone). What must hold under any load: the fleet fills far
-    # more than each process by itself (1.5x; 1.96x the least seen, on
-    # Sentinel, whose slow kicks make fleet=false's batches larger), and,
-    # where the producer kept one pace in the three runs, most of what one
-    # process fills.
-    assert ratio >= 1.5 * apart_ratio
+    # more than each process by itself (1.5x), and, where the producer kept
+    # one pace in the three runs, most of what one process fills. Batches
+    # that close on their timeout hold what a key brings in one window: a
+    # run whose producer was slower (Sentinel's kicks under load: 11 s, 27 s
+    # and 17 s for the same 2,000 items once) is compared per item sent a
+    # second, its mean batch scaled by how long its traffic took.
+    paced = {
+        name: found["mean"] * found["sent_in"] / (one["mean"] * one["sent_in"])
+        for name, found in (("fleet", fleet), ("apart", apart))
+    }
+    print(
+        f"per item sent a second: fleet {paced['fleet']:.2f}x, "
+        f"fleet=false {paced['apart']:.2f}x"
+    )
+    assert paced["fleet"] >= 1.5 * paced["apart"]
     if max(took) <= 1.15 * min(took):
         assert ratio >= 0.7
     else:
         print(
             f"traffic sent in {', '.join(f'{t:.1f}' for t in took)} s: not one "
-            "pace, so only fleet >= 1.5 x fleet=false is asserted"
+            "pace, so only fleet >= 1.5 x fleet=false (per item a second) is asserted"
         )
 
 
