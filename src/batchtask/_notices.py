@@ -3,7 +3,8 @@
 `BatchTask.reconfigure_fleet` and ``python -m batchtask reconfigure`` publish
 one notice (JSON: the task's name and its changes) on the broker's notice
 channel, where the broker's adapter has one (the Redis stream families:
-``PUBLISH`` on the stream's server). Each worker process follows the channel
+``PUBLISH`` on the stream's server; RabbitMQ: a fanout exchange of the
+queue; NATS: a subject of the stream). Each worker process follows the channel
 from its start to its shutdown and applies each notice to its batch task with
 ``reconfigure``, exactly as a call in that process would (checked the same
 way; a bad change is logged and changes nothing there). A worker whose
@@ -75,7 +76,8 @@ async def publish(broker: AsyncBroker, notice: bytes) -> int:
     if channel is None:
         raise RuntimeError(
             f"{type(broker).__name__} has no channel batchtask can send settings "
-            "changes on (the Redis stream brokers have one); call reconfigure() "
+            "changes on (the Redis stream brokers, RabbitMQ and NATS have one); "
+            "call reconfigure() "
             "in each worker process instead (docs/shaping.md)"
         )
     return await channel.publish(notice)

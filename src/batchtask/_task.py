@@ -454,10 +454,13 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         Checked here first (a bad change raises and is sent nowhere), applied
         here, then sent on the broker's notice channel: each worker process
         applies it on arrival, within about a second (the Redis stream
-        brokers; ``python -m batchtask reconfigure`` sends the same from a
-        shell). Only plain values travel (numbers, booleans, strings, None).
+        brokers, RabbitMQ and NATS; ``python -m batchtask reconfigure`` sends
+        the same from a shell). Only plain values travel (numbers, booleans,
+        strings, None).
 
-        :returns: how many worker processes were listening.
+        :returns: how many worker processes were listening (on RabbitMQ and
+            NATS: how many answered within half a second, after which it
+            returns).
         :raises BatchConfigError: on a bad setting; nothing changes then.
         :raises TypeError: for a function (``weight=``, ``group_by=``, ...).
         :raises RuntimeError: if the broker has no notice channel.

@@ -151,12 +151,50 @@ class Notices(Protocol):
     """A channel to every worker process of a broker (`batchtask._notices`)."""
 
     async def publish(self, data: bytes) -> int:
-        """Send `data` to every subscriber now; how many there were."""
+        """Send `data` to every subscriber now; how many there were.
+
+        Where the server does not count them (RabbitMQ, NATS), each
+        subscriber answers and the answers heard within `NOTICE_ANSWERS_FOR`
+        are counted.
+        """
         ...
 
     def subscribe(self) -> AsyncIterator[bytes]:
         """What is published from now on, until cancelled (or the link drops)."""
         ...
+
+
+NOTICE_ANSWERS_FOR = 0.5
+"""Seconds a notice's publisher counts subscribers' answers, where the
+server does not say how many got it."""
+
+
+class Answers:
+    """Counts the subscribers' answers to one notice, for `NOTICE_ANSWERS_FOR`.
+
+    Where the server does not say how many got a message (RabbitMQ, NATS):
+    hand `note` to the server's consumer of the notice's reply address (a
+    coroutine function, as nats-py requires), publish, then
+    ``await answers.counted()``.
+    """
+
+    def __init__(self) -> None:
+        """None heard yet."""
+        self.heard = 0
+
+    async def note(self, _: object) -> None:
+        """One answer."""
+        self.heard += 1
+
+    async def counted(self) -> int:
+        """How many answered within `NOTICE_ANSWERS_FOR` seconds from now."""
+        await asyncio.sleep(NOTICE_ANSWERS_FOR)
+        return self.heard
+
+
+NOTICE_CONNECT_WAIT = 10.0
+"""Seconds a worker's subscription waits for its broker's connection (the
+worker connects it just after it starts following) before opening its own."""
 
 
 class UnackedCap(NamedTuple):

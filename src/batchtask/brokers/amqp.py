@@ -22,7 +22,8 @@ import copy
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from taskiq import AckableMessage, AsyncBroker
@@ -30,7 +31,9 @@ from taskiq.acks import AckController
 
 from batchtask.brokers._base import (
     DEFAULTS,
+    NOTICE_CONNECT_WAIT,
     AckPairs,
+    Answers,
     Arrivals,
     Coalescer,
     Delivery,
@@ -62,6 +65,8 @@ class Amqp(PerMessage):
         "its kick honours a delay label",
         "AioPikaBroker._task_queues, .write_conn, .read_channel: the queue, and "
         "the connection and channel the fleet's inboxes and heartbeats use",
+        "AioPikaBroker.url, ._conn_kwargs: where settings notices connect "
+        "outside a started broker (python -m batchtask reconfigure)",
         *BACKEND_NAMES,
     )
 
@@ -100,6 +105,12 @@ class Amqp(PerMessage):
             if isinstance(queues, list) and len(cast("list[object]", queues)) <= 1:
                 self._routes = AmqpRoutes(self)
         return self._routes
+
+    def notices(self) -> "AmqpNotices | None":
+        """Settings notices on a fanout exchange of the queue (`AmqpNotices`)."""
+        if not hasattr(self.broker, "url") or not hasattr(self.broker, "_task_queues"):
+            return None
+        return AmqpNotices(self.broker)
 
     def noted(self, data: Delivery) -> None:
         """Note one delivery, in order, if acks are grouped."""
@@ -335,12 +346,8 @@ class AmqpRoutes:
 
     @property
     def queue(self) -> str:
-        """The broker's queue (known once it started)."""
-        queues: Any = getattr(self.broker, "_task_queues", None)
-        if not queues:
-            return "taskiq"
-        first: Any = queues[0]
-        return str(first.routing_key or first.name)
+        """The broker's queue."""
+        return _queue_of(self.broker)
 
     def inbox(self, member: str) -> str:
         """The name of `member`'s inbox."""
@@ -562,6 +569,100 @@ class AmqpRoutes:
     def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
         """The queue's deliveries (`main`) and the inbox's, as they come."""
         return self._arrivals.listen(main)
+
+
+def _queue_of(broker: Any) -> str:
+    """The name of `broker`'s (first) task queue."""
+    queues: Any = getattr(broker, "_task_queues", None)
+    if not queues:
+        return "taskiq"
+    first: Any = queues[0]
+    return str(first.routing_key or first.name)
+
+
+NOTICES_PREFIX = "batchtask.notices."
+"""The fanout exchange of a queue's settings notices: ``batchtask.notices.<queue>``."""
+
+
+class AmqpNotices:
+    """Settings changes for every worker of a queue, on a fanout exchange.
+
+    Each follower binds an exclusive queue of its own to the queue's notice
+    exchange and answers each notice on the queue its ``reply_to`` names; a
+    publisher counts the answers heard within `NOTICE_ANSWERS_FOR` seconds
+    (RabbitMQ does not say how many queues a fanout message reached). A
+    started broker's connection is used; outside one (the command line) a
+    connection of its own, closed after.
+    """
+
+    def __init__(self, broker: Any) -> None:
+        """Notices of `broker`'s queue."""
+        self.broker = broker
+
+    @property
+    def exchange(self) -> str:
+        """The notice exchange's name."""
+        return f"{NOTICES_PREFIX}{_queue_of(self.broker)}"
+
+    @asynccontextmanager
+    async def _channel(self, wait: float) -> AsyncGenerator["AbstractChannel", None]:
+        """A channel on the broker's connection (waited for up to `wait` s)."""
+        from aio_pika import connect
+
+        deadline = time.monotonic() + wait
+        connection: Any = self.broker.write_conn
+        while connection is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            connection = self.broker.write_conn
+        own: Any = None
+        if connection is None:
+            options: dict[str, Any] = self.broker._conn_kwargs or {}
+            own = connection = await connect(self.broker.url, **options)
+        try:
+            channel: AbstractChannel = await connection.channel()
+            try:
+                yield channel
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        finally:
+            if own is not None:
+                await own.close()
+
+    async def _declare(self, channel: "AbstractChannel") -> Any:
+        from aio_pika import ExchangeType
+
+        return await channel.declare_exchange(
+            self.exchange, ExchangeType.FANOUT, durable=False, auto_delete=True
+        )
+
+    async def publish(self, data: bytes) -> int:
+        """Publish `data` to every follower; how many answered in time."""
+        from aio_pika import Message
+
+        answers = Answers()
+        async with self._channel(0) as channel:
+            exchange = await self._declare(channel)
+            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await replies.consume(answers.note, no_ack=True)
+            await exchange.publish(Message(data, reply_to=replies.name), routing_key="")
+            return await answers.counted()
+
+    async def subscribe(self) -> AsyncIterator[bytes]:
+        """Each notice's body as it comes, answered first."""
+        from aio_pika import Message
+
+        async with self._channel(NOTICE_CONNECT_WAIT) as channel:
+            exchange = await self._declare(channel)
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange)
+            async with queue.iterator(no_ack=True) as notices:
+                async for notice in notices:
+                    if notice.reply_to:
+                        await channel.default_exchange.publish(
+                            Message(b"1"), routing_key=notice.reply_to
+                        )
+                    yield notice.body
 
 
 async def _publish_copy(channel: "AbstractChannel", message: Any, queue: str) -> None:

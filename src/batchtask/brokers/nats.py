@@ -18,14 +18,17 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 from taskiq import AckableMessage, AsyncBroker
 
 from batchtask.brokers._base import (
     DEFAULTS,
+    NOTICE_CONNECT_WAIT,
     AckPairs,
+    Answers,
     Arrivals,
     Delivery,
     LeaseServer,
@@ -51,6 +54,8 @@ class JetStream(PerMessage):
         "taskiq-nats hands it out",
         "PullBasedJetStreamBroker.js, .subject, .stream_config, .consumer_config: "
         "the stream the fleet's heartbeats and inboxes sit beside",
+        ".client, .servers, .connection_kwargs: where settings notices are "
+        "sent (a connection of their own outside a started broker)",
         *BACKEND_NAMES,
     )
 
@@ -85,6 +90,15 @@ class JetStream(PerMessage):
         ):
             self._routes = JetStreamRoutes(self)
         return self._routes
+
+    def notices(self) -> "NatsNotices | None":
+        """Settings notices on a NATS subject of the stream (`NatsNotices`)."""
+        needed = ("client", "servers", "connection_kwargs")
+        if not all(hasattr(self.broker, name) for name in needed):
+            return None
+        stream = getattr(getattr(self.broker, "stream_config", None), "name", None)
+        name = stream or getattr(self.broker, "stream_name", None)
+        return None if not name else NatsNotices(self.broker, str(name))
 
     def lease_server(self) -> LeaseServer | None:
         """Leases on the Redis of the broker's taskiq-redis result backend.
@@ -452,3 +466,68 @@ def _headers_of(message: Any) -> dict[str, str]:
     except Exception:  # no metadata: a plain message
         pass
     return headers
+
+
+NOTICES_PREFIX = "batchtask.notices"
+"""The subject of a stream's settings notices: ``batchtask.notices.<stream>``."""
+
+
+class NatsNotices:
+    """Settings changes for every worker of a stream, on a core NATS subject.
+
+    Each follower subscribes to the stream's notice subject and answers each
+    notice on its reply subject; a publisher counts the answers heard within
+    `NOTICE_ANSWERS_FOR` seconds. A started broker's connection is used;
+    outside one (the command line) a connection of its own, closed after.
+    """
+
+    def __init__(self, broker: Any, stream: str) -> None:
+        """Notices of `broker`'s `stream`."""
+        self.broker = broker
+        self.subject = f"{NOTICES_PREFIX}.{stream}"
+
+    @asynccontextmanager
+    async def _client(self, wait: float) -> AsyncGenerator[Any, None]:
+        """The broker's client once connected (waited for up to `wait` s)."""
+        from nats.aio.client import Client
+
+        client = self.broker.client
+        for _ in range(round(wait / 0.05)):
+            if client.is_connected:
+                break
+            await asyncio.sleep(0.05)
+        if client.is_connected:
+            yield client
+            return
+        own = Client()
+        await own.connect(self.broker.servers, **self.broker.connection_kwargs)
+        try:
+            yield own
+        finally:
+            await own.close()
+
+    async def publish(self, data: bytes) -> int:
+        """Publish `data` to every follower; how many answered in time."""
+        answers = Answers()
+        async with self._client(0) as client:
+            inbox = client.new_inbox()
+            replies = await client.subscribe(inbox, cb=answers.note)
+            try:
+                await client.publish(self.subject, data, reply=inbox)
+                await client.flush()
+                return await answers.counted()
+            finally:
+                await replies.unsubscribe()
+
+    async def subscribe(self) -> AsyncIterator[bytes]:
+        """Each notice's data as it comes, answered first."""
+        async with self._client(NOTICE_CONNECT_WAIT) as client:
+            notices = await client.subscribe(self.subject)
+            try:
+                async for notice in notices.messages:
+                    if notice.reply:
+                        await client.publish(notice.reply, b"1")
+                    yield notice.data
+            finally:
+                with contextlib.suppress(Exception):
+                    await notices.unsubscribe()
