@@ -467,10 +467,7 @@ async def test_a_machine_that_joins_takes_its_share() -> None:
     assert starts, "the machine that joined takes keys"
 
 
-# Not on RabbitMQ: a RabbitMQ member stopped mid-traffic left items
-# unprocessed for over 120 s in two CI runs under the suite's load, an open
-# bug (docs/fleets.md, known limits).
-@pytest.mark.parametrize("kind", ["stream", "nats"])
+@pytest.mark.parametrize("kind", ["stream", "rabbitmq", "nats"])
 async def test_a_machine_stopped_gracefully_hands_its_inbox_back(kind: str) -> None:
     """Goal 7 (a rolling deploy): SIGTERM to one machine mid-traffic; it runs
     what it holds, moves what is left in its inbox back to the queue, and
@@ -494,8 +491,9 @@ async def test_a_machine_stopped_gracefully_hands_its_inbox_back(kind: str) -> N
     # A stopping process's calls may outlast its drain under load, and on
     # RabbitMQ and NATS a move is a publish and then an ack: an item may run
     # twice, as when it is killed. Under the whole suite's load, once each, an
-    # item ran twice on the others on RabbitMQ (1 of 1,950; docs/fleets.md,
-    # known limits) and some on the stream: counted, bounded, never lost.
+    # item ran twice on the others on RabbitMQ (1 of 1,950, before a stopping
+    # worker stopped closing its own channel: docs/fleets.md, known limits)
+    # and some on the stream: counted, bounded, never lost.
     counts = found["counts"]
     twice = {value for value, count in counts.items() if count > 1}
     elsewhere = twice - ran_on(found, stopped)

@@ -356,13 +356,24 @@ async def _closed(deliveries: AsyncIterator[bytes | AckableMessage]) -> None:
         await close()
 
 
+STOP_GRACE = 1.0
+"""Seconds the reader has to end after its first cancellation, before it is
+cancelled again (`_stop`)."""
+
+
 async def _stop(task: "asyncio.Task[None]") -> None:
     """Cancel `task` until it ends.
 
     A broker's ``listen()`` may swallow one cancellation (redis-py's read
     timeout can absorb a cancel that arrives as it expires), and taskiq's
-    prefetcher would then wait forever; cancelling again ends it.
+    prefetcher would then wait forever; cancelling again ends it. Again only
+    after `STOP_GRACE`: a ``listen()`` closing on its first cancellation may
+    wait for its server (aio-pika's ``basic.cancel``), and aiormq closes a
+    channel whose call is cancelled, handing back every delivery not yet
+    acknowledged on it.
     """
+    task.cancel()
+    await asyncio.wait({task}, timeout=STOP_GRACE)
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.1)

@@ -622,8 +622,14 @@ class Arrivals:
                 yield data
         finally:
             pump.cancel()
+            # Waited for, not awaited: a worker that stops cancels its reader
+            # until it ends, and ``await pump`` would hand a second
+            # cancellation on to the pump while the broker's listen() closes
+            # (aiormq closes a channel whose ``basic.cancel`` was cancelled,
+            # and RabbitMQ hands back every delivery unacknowledged on it:
+            # items run twice).
             with contextlib.suppress(BaseException):
-                await pump
+                await asyncio.wait({pump})
 
     async def _pump(self, main: AsyncIterator[Delivery], ended: _Ended) -> None:
         arrivals = self._queue

@@ -278,7 +278,10 @@ def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
     if getattr(ack, "__name__", None) != "ack":
         return None
     tag = getattr(message, "delivery_tag", None)
-    channel = getattr(message, "channel", None)
+    try:
+        channel = message.channel
+    except Exception:  # aio-pika raises once the channel closed: acked alone
+        return None
     if not isinstance(tag, int) or channel is None:
         return None
     return channel, tag
