@@ -33,7 +33,11 @@ Parts (rounds alternate the order of the two modes):
    ``fleet=false``, one at a time; after a settling time, ``MONITOR`` of the
    bench's server for ``--idle-seconds``: the commands the worker processes
    sent per second per process (the goal), by command, and the commands run
-   inside their scripts (``[lua]`` lines, not counted in the goal).
+   inside their scripts (``[lua]`` lines, not counted in the goal). Then on
+   RabbitMQ (the local server) and NATS (a ``nats-server -js`` of its own on
+   port 4299, monitoring on 8299), the tests' worker app idle: what its
+   connections sent, per second per process (RabbitMQ: the server's socket
+   reads of them; NATS: the messages they published).
 3. **fill**: a fleet of 16 (4 ``taskiq worker --workers 4`` commands) vs one
    process, and on RabbitMQ (39 keys) and NATS JetStream a fleet of 4 (2 x
    2) vs one process, on
@@ -58,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -358,6 +363,105 @@ async def idle(mode: str, seconds: float) -> dict[str, Any]:
     }
 
 
+NATS_PORT, NATS_MONITOR = 4299, 8299
+"""The bench's own NATS server (JetStream on) and its monitoring port."""
+
+
+@contextlib.contextmanager
+def own_nats() -> Any:
+    """``nats-server -js`` on NATS_PORT with monitoring, stopped on exit."""
+    binary = shutil.which("nats-server")
+    if binary is None:
+        raise SystemExit("fleet.py: nats-server not found")
+    store = tempfile.mkdtemp(prefix="bench-nats-")
+    server = subprocess.Popen(
+        [
+            *(binary, "-a", "127.0.0.1", "-p", str(NATS_PORT)),
+            *("-m", str(NATS_MONITOR), "-js", "-sd", store),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{NATS_MONITOR}/healthz")
+                break
+            time.sleep(0.05)
+        else:
+            raise SystemExit(f"fleet.py: nats-server on {NATS_PORT} did not start")
+        yield f"nats://127.0.0.1:{NATS_PORT}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def client_counts(kind: str) -> dict[str, int]:
+    """What each client connection sent the server so far, by connection.
+
+    RabbitMQ: the server's socket reads of the connection (``rabbitmqctl
+    list_connections recv_cnt``; a publish, an ack, a heartbeat frame are one
+    each). NATS: the messages it published (``/connz`` ``in_msgs`` of the
+    bench's own server: a pull request is one, a heartbeat is one).
+    """
+    if kind == "rabbitmq":
+        listed = subprocess.run(
+            [
+                *("rabbitmqctl", "list_connections", "name", "recv_cnt"),
+                *("--formatter", "json", "-q"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return {c["name"]: int(c["recv_cnt"]) for c in json.loads(listed.stdout)}
+    url = f"http://127.0.0.1:{NATS_MONITOR}/connz?limit=1000"
+    with urllib.request.urlopen(url) as reply:
+        connz = json.load(reply)
+    return {str(c["cid"]): int(c["in_msgs"]) for c in connz.get("connections", [])}
+
+
+async def idle_broker(kind: str, mode: str, seconds: float) -> dict[str, Any]:
+    """What an idle ``taskiq worker --workers 2`` sends its RabbitMQ or NATS.
+
+    The tests' worker app (``tests/worker_app``) on a queue of its own; only
+    the connections opened after it started are counted.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests import workers
+
+    queue = workers.new_queue()
+    with contextlib.ExitStack() as stack:
+        settings = {"BATCHTASK_BROKER": kind}
+        if kind == "nats":
+            settings["BATCHTASK_BROKER_URL"] = stack.enter_context(own_nats())
+        before = set(await asyncio.to_thread(client_counts, kind))
+        with workers.app_env(queue, **settings) as env:
+            worker = workers.start_worker(
+                env, "--workers", str(WORKERS), *workers.RECEIVER, *FLEET_MODES[mode]
+            )
+        try:
+            await workers.wait_listening(worker)
+            await asyncio.sleep(SETTLE_S)
+            start = await asyncio.to_thread(client_counts, kind)
+            await asyncio.sleep(seconds)
+            end = await asyncio.to_thread(client_counts, kind)
+        finally:
+            workers.kill(worker)
+    sent = sum(
+        count - start.get(name, 0) for name, count in end.items() if name not in before
+    )
+    return {
+        "kind": kind,
+        "mode": mode,
+        "seconds": seconds,
+        "processes": WORKERS,
+        "connections": len(set(end) - before),
+        "sent_per_s_per_process": sent / seconds / WORKERS,
+    }
+
+
 # --- 3. fill of a fleet of 16 ---
 
 
@@ -427,6 +531,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         flush=True,
                     )
             report["idle"] = runs
+    if "idle" in parts:
+        runs = []
+        for round_ in range(args.idle_rounds):
+            for kind in ("rabbitmq", "nats"):
+                for mode in order if round_ % 2 == 0 else order[::-1]:
+                    run = await idle_broker(kind, mode, args.idle_seconds)
+                    run["round"] = round_
+                    runs.append(run)
+                    print(
+                        f"  idle round {round_} {kind:8} {mode:12} "
+                        f"{run['sent_per_s_per_process']:.2f} sent/s/process",
+                        flush=True,
+                    )
+        report["idle_brokers"] = runs
     if "fill" in parts:
         runs = []
         for round_ in range(args.fill_rounds):
@@ -506,6 +624,20 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 },
             }
         summary["idle"] = idle_summary
+    if report.get("idle_brokers"):
+        summary["idle_brokers"] = {
+            kind: {
+                mode: med(
+                    [
+                        r["sent_per_s_per_process"]
+                        for r in report["idle_brokers"]
+                        if r["kind"] == kind and r["mode"] == mode
+                    ]
+                )
+                for mode in FLEET_MODES
+            }
+            for kind in ("rabbitmq", "nats")
+        }
     if report.get("fill"):
         means = {
             shape: med([r["mean_batch"] for r in report["fill"] if r["shape"] == shape])
@@ -552,6 +684,15 @@ def print_table(summary: dict[str, Any]) -> None:
             f"  idle, {label}: {part['commands_per_s_per_process']:.2f} "
             f"commands/s/process ({commands or 'none'}); in scripts "
             f"{part['in_scripts_per_s_per_process']:.2f} ({inner or 'none'})"
+        )
+    units = {
+        "rabbitmq": "socket reads of RabbitMQ",
+        "nats": "messages published to NATS",
+    }
+    for kind, part in summary.get("idle_brokers", {}).items():
+        print(
+            f"  idle on {kind}: fleet {part['fleet']:.2f} vs fleet=false "
+            f"{part['per_process']:.2f} {units[kind]}/s/process"
         )
     part = summary.get("fill")
     if part is not None:

@@ -327,7 +327,9 @@ class NativePath:
         if router is not None and router.members and router.server.forwardable(data):
             config = task.config
             key = route_key(message.task_name, message.args, message.kwargs)
-            owner = router.route(key, config.batch_size, config.batch_timeout)
+            batcher = self._batchers.get((task.task_name, 0))
+            cost = None if batcher is None or config.dedup_key else batcher.run_seconds
+            owner = router.route(key, config.batch_size, config.batch_timeout, cost)
             if owner is not None:
                 self._spawn(
                     self._forward(task, message, data, key, owner, owns_delivery_slot)
