@@ -1,11 +1,16 @@
 """`batchtask._fleet.Router` by itself: owners, the hot rule, a stale view."""
 
+import asyncio
 import random
 import time
 from typing import cast
 
+from taskiq import InMemoryBroker
+
+from batchtask import batch_task
 from batchtask._fleet import Router, owner_of
 from batchtask.brokers._base import RouteServer
+from tests.conftest import within
 
 
 def router(members: list[str], me: str) -> Router:
@@ -67,11 +72,11 @@ def test_a_route_that_fills_a_batch_here_stays_here() -> None:
 
 
 def test_a_move_is_made_only_where_the_calls_it_saves_cost_more() -> None:
-    """Batches of 100 here from 40 arrivals a window, 80 at the owner of
+    """Batches of 40 here from 40 arrivals a window, 80 at the owner of
     two members: a move saves 1/40 - 1/80 of a call per item. A call of 1 ms
-    saves 12.5 µs, less than a move (`MOVE_COST`): batched here; a call of
-    50 ms saves 625 µs: moved; a call not known yet (or a ``dedup_key``
-    task, which passes None): moved."""
+    (and `CALL_OVERHEAD`) saves 14 µs, less than a move (`MOVE_COST`):
+    batched here; a call of 50 ms saves 626 µs: moved; a call not known yet
+    (or a ``dedup_key`` task, which passes None): moved."""
     members = ["a", "b"]
     key = next(k for k in (f"k{i}" for i in range(100)) if owner_of(members, k) == "b")
     for call, expected in ((1e-3, None), (50e-3, "b"), (None, "b")):
@@ -111,3 +116,28 @@ def test_a_refused_member_leaves_the_view_at_once() -> None:
     two = router(["a", "b"], "a")
     two.gone("b")
     assert two.owner("k") is None, "alone: batched here"
+
+
+async def test_a_batch_task_knows_what_its_calls_take() -> None:
+    """`BatchTask.call_seconds`, the move rule's cost of a call: None before
+    the first call, then a moving average of the function's calls."""
+    broker = InMemoryBroker()
+    pauses = iter([0.05, 0.15])
+
+    @batch_task(broker, batch_size=1, batch_timeout=1.0)
+    async def save(rows: list[int]) -> None:
+        await asyncio.sleep(next(pauses))
+
+    await broker.startup()
+    try:
+        assert save.call_seconds is None
+        await within((await save.kiq(1)).wait_result(timeout=10), 20)
+        first = save.call_seconds
+        assert first is not None
+        assert 0.05 <= first < 0.15
+        await within((await save.kiq(2)).wait_result(timeout=10), 20)
+        second = save.call_seconds
+        assert second is not None
+        assert first < second < 0.15, "averaged, not replaced"
+    finally:
+        await broker.shutdown()

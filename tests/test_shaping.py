@@ -796,29 +796,3 @@ async def test_items_buffered_before_dedup_key_was_set_are_passed_each(
     results = await within(asyncio.gather(*(t.wait_result(timeout=10) for t in tasks)))
     assert seen == [[1, 1, 1]], "the two keyless items, then one for the keyed pair"
     assert [r.return_value for r in results] == [3, 3, 3, 3]
-
-
-async def test_a_batcher_knows_what_its_runs_take() -> None:
-    """`Batcher.run_seconds`, the fleet's cost of a call: None before the
-    first run ends, then a moving average of the runs' durations."""
-    durations = iter([0.05, 0.15])
-
-    async def run(batch: Any) -> None:
-        await asyncio.sleep(next(durations))
-        for entry in batch.entries:
-            entry.future.set_result(None)
-
-    batcher: Batcher[int, None] = Batcher(
-        run, name="t", limits=Limits(batch_size=1, batch_timeout=1.0)
-    )
-    assert batcher.run_seconds is None
-    await within(batcher.submit("k", 1).future)
-    await within(batcher.wait_idle())
-    first = batcher.run_seconds
-    assert first is not None
-    assert 0.05 <= first < 0.15
-    await within(batcher.submit("k", 2).future)
-    await within(batcher.wait_idle())
-    second = batcher.run_seconds
-    assert second is not None
-    assert first < second < 0.15, "averaged, not replaced"

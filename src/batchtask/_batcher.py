@@ -67,9 +67,6 @@ from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger("batchtask")
 
-RUN_AVERAGING = 0.2
-"""The weight of the latest run in `Batcher.run_seconds`."""
-
 V = TypeVar("V")
 R = TypeVar("R")
 
@@ -257,9 +254,6 @@ class Batcher(Generic[V, R]):
         self._closed = False
         self._eagerness = eagerness or Eagerness()
         self._observer = observer
-        self.run_seconds: float | None = None
-        """How long a batch's run takes (a moving average; None before the
-        first run ended): what a call costs, for the fleet's move rule."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -582,11 +576,6 @@ class Batcher(Generic[V, R]):
         except BaseException as exc:  # a fault of the run itself, not of user code
             logger.exception("batch task %s: running a batch failed", self.name)
             failure = exc
-        ran = self._loop.time() - started
-        known = self.run_seconds
-        self.run_seconds = (
-            ran if known is None else known + RUN_AVERAGING * (ran - known)
-        )
         for entry in batch.entries:
             if not entry.future.done():
                 entry.future.set_exception(

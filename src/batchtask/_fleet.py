@@ -232,6 +232,9 @@ MOVE_COST = 100e-6
 """Seconds of work one move costs the fleet (a Redis stream move: about 73 µs
 of CPU per moved item at saturation in bench/fleet.py; RabbitMQ's about 200):
 a delivery moves only if the calls it saves cost more (`Router.route`)."""
+CALL_OVERHEAD = 100e-6
+"""Seconds of batchtask's own work per call beside the function (its grouped
+result write and ack, each a round trip per call)."""
 RECLAIM_COUNT = 500
 """Entries of a dead member's inbox moved back to the queue per round trip."""
 
@@ -294,9 +297,10 @@ class Router:
     - **Moves that pay**: a delivery moves only if the calls it saves
       cost more than the move (`MOVE_COST`): a batch here holds what this
       process receives of its route in a batch window, at the owner what
-      the whole fleet does, and a call costs what the task's calls took
-      here. Cheap calls whose batches fill well here (a saturated fleet of
-      no-op calls) stay where they arrive; ``dedup_key`` tasks always move.
+      the whole fleet does, and a call costs what the task's function took
+      here plus `CALL_OVERHEAD`. Cheap calls whose batches fill well here
+      (a saturated fleet of no-op calls) stay where they arrive;
+      ``dedup_key`` tasks always move.
     - **Moving never loops**: only first deliveries from the shared queue
       move; what arrives in an inbox is batched where it arrives.
     - **A member that dies**: once its membership expires, the next member
@@ -335,12 +339,13 @@ class Router:
         key: str,
         batch_size: int,
         batch_timeout: float,
-        run_seconds: float | None = None,
+        call_seconds: float | None = None,
     ) -> str | None:
         """The member to send a delivery of route `key` to; None: batch it here.
 
-        `run_seconds`: what a call of its task costs here (None: not known
-        yet, or moves are needed whatever they cost, as for ``dedup_key``).
+        `call_seconds`: how long a call of its task's function takes here
+        (None: not known yet, or moves are needed whatever they cost, as for
+        ``dedup_key``); `CALL_OVERHEAD` is added.
         """
         now = time.monotonic()
         rate = self._rates.get(key)
@@ -356,13 +361,13 @@ class Router:
         if now < rate.hot_until:
             return None
         owner = self.owner(key)
-        if owner is None or run_seconds is None:
+        if owner is None or call_seconds is None:
             return owner
         # Calls saved per item moved: a batch here holds what this process
         # gets of the route in a window, at its owner what the fleet does.
         here = max(1, min(batch_size, max(rate.count, rate.last)))
         there = min(batch_size, here * len(self.members))
-        if run_seconds * (1 / here - 1 / there) < MOVE_COST:
+        if (call_seconds + CALL_OVERHEAD) * (1 / here - 1 / there) < MOVE_COST:
             return None  # cheap calls, well filled here: not worth a move
         return owner
 

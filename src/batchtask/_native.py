@@ -327,8 +327,7 @@ class NativePath:
         if router is not None and router.members and router.server.forwardable(data):
             config = task.config
             key = route_key(message.task_name, message.args, message.kwargs)
-            batcher = self._batchers.get((task.task_name, 0))
-            cost = None if batcher is None or config.dedup_key else batcher.run_seconds
+            cost = None if config.dedup_key else task.call_seconds
             owner = router.route(key, config.batch_size, config.batch_timeout, cost)
             if owner is not None:
                 self._spawn(

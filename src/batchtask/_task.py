@@ -99,6 +99,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("batchtask")
 
+CALL_AVERAGING = 0.2
+"""The weight of the latest call in `BatchTask.call_seconds`."""
+
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 CallT = TypeVar("CallT")
@@ -189,6 +192,10 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
             asyncio.AbstractEventLoop, tuple[Batcher[StockItem, Any], bool]
         ] = {}
         self._every_batcher: weakref.WeakSet[Batcher[Any, Any]] = weakref.WeakSet()
+        self.call_seconds: float | None = None
+        """How long a call of the function takes in this process (a moving
+        average of its calls; None before the first ended): what a call
+        costs, for the fleet's move rule (`batchtask._fleet.Router.route`)."""
 
         registered = broker.register_task(
             self._entry_point(func),
@@ -484,7 +491,15 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         """
 
         async def call(chunk: list[Any]) -> Any:
-            return await self._call(chunk, leader)
+            started = time.perf_counter()
+            try:
+                return await self._call(chunk, leader)
+            finally:
+                took = time.perf_counter() - started
+                known = self.call_seconds
+                self.call_seconds = (
+                    took if known is None else known + CALL_AVERAGING * (took - known)
+                )
 
         return await settle(
             items,

@@ -166,8 +166,12 @@ MOVED_HEADER = "Batchtask-Redelivered"
 """On a moved copy of a delivery JetStream had delivered before."""
 MOVE_BACK_FOR = 0.5
 """Seconds one reclaim or leave moves messages before it returns."""
-FETCH_TIMEOUT = 0.5
-"""Seconds an inbox's reader waits for messages per fetch."""
+FETCH_TIMEOUT = 2.0
+"""Seconds an inbox's reader waits for messages per fetch: an idle member's
+inbox costs one pull request per that long. A reader stopped mid-fetch
+leaves its pull request on the server for at most that long; a message
+moved to the inbox meanwhile is redelivered after the consumer's
+``ack_wait`` (late, not lost)."""
 
 
 async def _fetching(broker: Any) -> AsyncIterator[Delivery]:
