@@ -476,6 +476,22 @@ def fleet_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 unit="",
             )
         )
+    units = {"rabbitmq": "socket reads", "nats": "messages published"}
+    for family, label in (("rabbitmq", "RabbitMQ"), ("nats", "NATS")):
+        part = summary.get("idle_brokers", {}).get(family)
+        goal = f"6. fleet on {label}: idle {units[family]}/s per process"
+        if part is None:
+            rows.append(row(goal, None, ("<=", 5.0), "not measured", unit=""))
+            continue
+        rows.append(
+            row(
+                goal,
+                part["fleet"],
+                ("<=", 5.0),
+                f"fleet=false: {part['per_process']:.2f} (the broker's own)",
+                unit="",
+            )
+        )
     fill = summary.get("fill")
     goal = "1. fleet of 16 (4 x 4, 5 ms calls): mean batch / one process"
     if fill is None:
