@@ -96,6 +96,10 @@ _sentinel_host, _, _sentinel_port = os.environ.get("BATCHTASK_SENTINEL", "").rpa
 )
 SENTINELS = [(_sentinel_host, int(_sentinel_port)) if _sentinel_host else SENTINEL]
 """The sentinel kind's Sentinels: BATCHTASK_SENTINEL (``host:port``) or ours."""
+NATS_PULL_TIMEOUT = os.environ.get("BATCHTASK_NATS_PULL_TIMEOUT", "0.5")
+"""The nats kind's ``pull_consume_timeout`` (s): 0.5 for prompt tests;
+``none`` is taskiq-nats's default (nats-py's 5 s fetch), as ``bench/fleet.py``
+measures an idle worker with."""
 XREAD_BLOCK = 2000
 """The cluster and sentinel kinds' XREADGROUP BLOCK (ms), RedisStreamBroker's
 default. Theirs (10 s) outlasts redis-py 8's 5 s socket timeout: an idle
@@ -159,7 +163,9 @@ def make_broker() -> AsyncBroker:
                 durable_name=QUEUE, ack_wait=REDELIVER_AFTER, max_ack_pending=5000
             ),
             pull_consume_batch=100,
-            pull_consume_timeout=0.5,
+            pull_consume_timeout=(
+                None if NATS_PULL_TIMEOUT == "none" else float(NATS_PULL_TIMEOUT)
+            ),
         )
     elif KIND == "postgres":
         from taskiq_pg.asyncpg import AsyncpgBroker
