@@ -586,7 +586,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Send a settings change (as BatchTask.reconfigure takes it) to every "
             "worker process following the broker's notices (the Redis stream "
-            "brokers); each applies it within about a second."
+            "brokers, RabbitMQ and NATS); each applies it within about a second."
         ),
         epilog="example: python -m batchtask reconfigure app.tasks:broker "
         "app.tasks:save batch_size=200 debounce=null",
