@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypeVar
@@ -195,6 +196,16 @@ class Answers:
 NOTICE_CONNECT_WAIT = 10.0
 """Seconds a worker's subscription waits for its broker's connection (the
 worker connects it just after it starts following) before opening its own."""
+
+
+async def ready_within(ready: Callable[[], bool], seconds: float) -> bool:
+    """Whether `ready()` holds within `seconds` (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 class UnackedCap(NamedTuple):

@@ -44,6 +44,7 @@ from batchtask.brokers._base import (
     RawAck,
     UnackedCap,
     ack_each,
+    ready_within,
 )
 from batchtask.brokers._redis import BACKEND_NAMES, backend_leases
 
@@ -612,11 +613,8 @@ class AmqpNotices:
         """A channel on the broker's connection (waited for up to `wait` s)."""
         from aio_pika import connect
 
-        deadline = time.monotonic() + wait
+        await ready_within(lambda: self.broker.write_conn is not None, wait)
         connection: Any = self.broker.write_conn
-        while connection is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            connection = self.broker.write_conn
         own: Any = None
         if connection is None:
             options: dict[str, Any] = self.broker._conn_kwargs or {}

@@ -36,6 +36,7 @@ from batchtask.brokers._base import (
     Options,
     PerMessage,
     cancelling,
+    ready_within,
 )
 from batchtask.brokers._redis import BACKEND_NAMES, backend_leases
 
@@ -96,9 +97,8 @@ class JetStream(PerMessage):
         needed = ("client", "servers", "connection_kwargs")
         if not all(hasattr(self.broker, name) for name in needed):
             return None
-        stream = getattr(getattr(self.broker, "stream_config", None), "name", None)
-        name = stream or getattr(self.broker, "stream_name", None)
-        return None if not name else NatsNotices(self.broker, str(name))
+        name = _stream_of(self.broker)
+        return None if not name else NatsNotices(self.broker, name)
 
     def lease_server(self) -> LeaseServer | None:
         """Leases on the Redis of the broker's taskiq-redis result backend.
@@ -192,6 +192,13 @@ def _consumer(member: str) -> str:
     return f"inbox_{_token(member)}"
 
 
+def _stream_of(broker: Any) -> str | None:
+    """The name of a taskiq-nats JetStream broker's stream, if it has one."""
+    config = getattr(broker, "stream_config", None)
+    name = getattr(config, "name", None) or getattr(broker, "stream_name", None)
+    return None if name is None else str(name)
+
+
 def _token(member: str) -> str:
     """`member` as one subject token and a consumer name (no dots, no spaces)."""
     return hashlib.blake2b(member.encode(), digest_size=8).hexdigest()
@@ -237,7 +244,7 @@ class JetStreamRoutes:
     @property
     def stream(self) -> str:
         """The broker's stream."""
-        return str(self.broker.stream_config.name or self.broker.stream_name)
+        return str(_stream_of(self.broker))
 
     def _names(self) -> tuple[str, str]:
         """The fleet's two streams: heartbeats and inboxes."""
@@ -496,11 +503,7 @@ class NatsNotices:
         from nats.aio.client import Client
 
         client = self.broker.client
-        for _ in range(round(wait / 0.05)):
-            if client.is_connected:
-                break
-            await asyncio.sleep(0.05)
-        if client.is_connected:
+        if await ready_within(lambda: client.is_connected, wait):
             yield client
             return
         own = Client()
