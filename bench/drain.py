@@ -43,7 +43,11 @@ Modes (one task registered per worker, the same for producer and worker):
   with default flags (``--max-async-tasks 100``): what batching gives on a
   stock worker; ``batched_stock``, the same with ``--max-async-tasks 500``;
   and ``plain_async500``, ``plain`` with ``--max-async-tasks 500``; they
-  separate the flag's and the receiver's effects from batching's.
+  separate the flag's and the receiver's effects from batching's;
+  ``batched_solo`` (``--receiver_arg fleet=false``) and ``batched_unfrozen``
+  (``--receiver_arg gc_freeze=false``): ``batched`` without fleet
+  membership, or without its start-up heap frozen, to show what each costs
+  or gives.
 
 Every worker is ``taskiq worker drain:broker --workers 2`` with default flags
 (INFO logging to a file included), plus ``--receiver batchtask:BatchReceiver``
@@ -190,6 +194,14 @@ RECEIVER = ("--receiver", "batchtask:BatchReceiver")
 MODES = {
     "plain": Mode(batched=False, flags=()),
     "batched": Mode(batched=True, flags=RECEIVER),
+    # The same receiver out of its fleet: what fleet membership costs.
+    "batched_solo": Mode(
+        batched=True, flags=(*RECEIVER, "--receiver_arg", "fleet=false")
+    ),
+    # The same receiver without its start-up heap frozen: what freezing gives.
+    "batched_unfrozen": Mode(
+        batched=True, flags=(*RECEIVER, "--receiver_arg", "gc_freeze=false")
+    ),
     # Prefilled as batched (kiq_many of the batched task), drained by lean.py.
     "lean": Mode(batched=True, flags=(), lean=True),
     "plain_lock": Mode(batched=False, flags=(), work="lock"),

@@ -7,6 +7,8 @@ batchtask:BatchReceiver``.
 
 import asyncio
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +206,7 @@ async def test_group_writes_off_leaves_the_result_backend_alone(
         ("max_buffered", "-1", "--receiver_arg max_buffered="),
         ("max_buffered", True, "--receiver_arg max_buffered="),
         ("group_writes", "maybe", "--receiver_arg group_writes="),
+        ("gc_freeze", "sometimes", "--receiver_arg gc_freeze="),
     ],
 )
 def test_bad_receiver_settings_are_refused_naming_the_flag(
@@ -513,3 +516,46 @@ async def test_a_stock_worker_groups_a_batchs_writes_and_names_the_receiver(
     # (taskiq acks one message per XACK): far fewer than 400.
     assert sets >= 400
     assert xacks <= 400 // 50 * 4, "acks grouped per batch, not one per message"
+
+
+def test_freezing_the_heap_happens_once_per_process() -> None:
+    """A fresh interpreter: nothing frozen before, the start-up heap after."""
+    script = (
+        "import gc\n"
+        "from batchtask.worker import freeze_heap\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "frozen = freeze_heap()\n"
+        "assert frozen == gc.get_freeze_count() > 1000, frozen\n"
+        "garbage = [[] for _ in range(100)]\n"
+        "assert freeze_heap() == frozen == gc.get_freeze_count()\n"
+        "print(frozen)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 1000
+
+
+@pytest.mark.parametrize(
+    ("flag", "frozen"), [((), True), (("gc_freeze=false",), False)]
+)
+async def test_a_worker_freezes_its_start_up_heap_unless_told_not_to(
+    flag: tuple[str, ...], frozen: bool
+) -> None:
+    require_broker("stream")
+    queue = new_queue()
+    receiver_args = [arg for value in flag for arg in ("--receiver_arg", value)]
+    async with serving(
+        queue,
+        *RECEIVER,
+        *receiver_args,
+        "--log-level",
+        "DEBUG",
+        BATCHTASK_BROKER="stream",
+    ) as (worker, app):
+        tasks = await app.double.kiq_many(range(10), "t")
+        results = [await t.wait_result(timeout=60) for t in tasks]
+        log = worker_log(worker)
+    assert [r.return_value for r in results] == [2 * i for i in range(10)]
+    assert ("objects from start-up frozen (gc.freeze)" in log) is frozen
