@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import collections
 import importlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -37,6 +38,9 @@ def parse_args() -> argparse.Namespace:
         default="",
         help="a redis:// URL to run a real `taskiq worker` process "
         "(default: InMemoryBroker in this process)",
+    )
+    parser.add_argument(
+        "--json", default="", help="also write the figures to this file (JSON)"
     )
     return parser.parse_args()
 
@@ -160,6 +164,19 @@ async def main() -> None:
     assert sum(sizes) == args.rows == count_rows(db, "batched"), (
         "every row written once"
     )
+    if args.json:
+        figures = {
+            "rows": args.rows,
+            "broker": args.broker or "InMemoryBroker",
+            "unbatched_rows_per_s": args.rows / unbatched,
+            "batched_rows_per_s": args.rows / batched,
+            "speedup": unbatched / batched,
+            "unbatched_calls": len(call_sizes(db, "unbatched")),
+            "batched_calls": len(sizes),
+            "mean_batch": sum(sizes) / len(sizes),
+        }
+        text = json.dumps(figures, indent=2) + "\n"
+        await asyncio.to_thread(Path(args.json).write_text, text)
 
 
 if __name__ == "__main__":
