@@ -12,10 +12,18 @@ the cases that stay on taskiq's path.
 """
 
 import asyncio
+import dataclasses
+import datetime
+import decimal
+import enum
 import logging
+import math
+import pathlib
+import uuid
 from typing import Annotated, Any
 
 import pytest
+from pydantic import BaseModel
 from taskiq import (
     BrokerMessage,
     Context,
@@ -24,9 +32,11 @@ from taskiq import (
     TaskiqMessage,
     TaskiqMiddleware,
 )
+from taskiq.exceptions import SendTaskError
+from taskiq.formatters.proxy_formatter import ProxyFormatter
 
 from batchtask import _compat, batch_task, flush_all
-from batchtask.brokers.inmemory import Kicks
+from batchtask.brokers.inmemory import Kicks, wire_copy
 from tests.conftest import within
 from tests.test_differential import (
     SCENARIOS,
@@ -35,6 +45,7 @@ from tests.test_differential import (
     Scenario,
     kick_items,
     stored,
+    validated,
 )
 
 
@@ -53,6 +64,13 @@ def taken(broker: InMemoryBroker) -> int:
     local = kicks._local()
     path: Any = None if local is None else local.path
     return 0 if path is None else int(path.taken)
+
+
+def sent(broker: InMemoryBroker) -> int:
+    """Messages this loop's native path took without their wire form so far."""
+    kicks = Kicks.of(broker)
+    local = None if kicks is None else kicks._local()
+    return 0 if local is None else local.sent
 
 
 async def run_in_memory(scenario: Scenario, broker: InMemoryBroker) -> Log:
@@ -79,6 +97,8 @@ async def run_in_memory(scenario: Scenario, broker: InMemoryBroker) -> Log:
         # Retried and requeued copies are kicked while their first copy is
         # held, and go to taskiq's path; every first copy was taken natively.
         assert taken(broker) >= len(scenario.items), "the native path took all"
+        if scenario.define is not validated:  # which kicks its own bytes
+            assert sent(broker) >= len(scenario.items), "all without the wire"
     await broker.shutdown()
     return log
 
@@ -360,3 +380,161 @@ async def test_a_generator_dependency_is_still_per_message(
         await use.kiq(i)
     await within(broker.wait_all())
     assert len(opened) == 3, "resolved per message, as taskiq does"
+
+
+# -- without the wire: the copy the native path takes ------------------------
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Colour(enum.StrEnum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    when: datetime.date
+
+
+class Model(BaseModel):
+    name: str
+    at: datetime.datetime
+
+
+WIRE_VALUES: dict[str, Any] = {
+    "int": 7,
+    "big int": 10**40,
+    "float": 0.1,
+    "float, integral": 2.0,
+    "negative zero": -0.0,
+    "huge float": 1e300,
+    "nan": math.nan,
+    "infinity": -math.inf,
+    "bool": True,
+    "none": None,
+    "str": "plain",
+    "unicode": "é☃ 𝄞",
+    "lone surrogate": "\ud800",
+    "list": [1, [2, "3"], {"4": None}],
+    "tuple": (1, (2, 3)),
+    "dict, int keys": {1: "a", 2: "b"},
+    "dict, float keys": {1.5: 1, 2.0: 2},
+    "dict, bool keys": {True: 1, False: 0},
+    "dict, None key": {None: 1},
+    "dict, enum keys": {Level.LOW: 1, Colour.RED: 2},
+    "int enum": Level.LOW,
+    "str enum": Colour.RED,
+    "datetime": datetime.datetime(2026, 12, 3, 13, 0, 0, 123456),
+    "aware datetime": datetime.datetime(2026, 12, 3, tzinfo=datetime.UTC),
+    "date": datetime.date(2026, 12, 3),
+    "timedelta": datetime.timedelta(seconds=90.5),
+    "decimal": decimal.Decimal("1.10"),
+    "uuid": uuid.UUID(int=1),
+    "bytes": b"\x00\xffraw",
+    "set": {3, 1, 2},
+    "frozenset": frozenset({"a"}),
+    "model": Model(name="m", at=datetime.datetime(2026, 1, 1)),
+    "dataclass": Point(1, datetime.date(2026, 1, 1)),
+    "path": pathlib.PurePosixPath("/tmp/x"),
+    "object": object(),
+}
+
+
+def _exact(message: TaskiqMessage) -> str:
+    """Every value with its type: 1, 1.0 and True differ; so does key order."""
+    return repr(message.model_dump())
+
+
+@pytest.mark.parametrize("name", WIRE_VALUES)
+def test_a_message_copied_without_the_wire_is_what_the_wire_gives(name: str) -> None:
+    broker = InMemoryBroker()
+    value = WIRE_VALUES[name]
+    message = TaskiqMessage(
+        task_id="m0",
+        task_name="app:save",
+        labels={"value": value, "priority": "5"},
+        labels_types={"priority": 2},
+        args=[value, 1],
+        kwargs={"value": value},
+    )
+    try:
+        wire: TaskiqMessage | None = broker.formatter.loads(
+            broker.formatter.dumps(message).message
+        )
+    except Exception:
+        wire = None
+    copied = wire_copy(broker, message)
+    if wire is None:
+        assert copied is None, "what the wire refuses goes the wire's way"
+        return
+    if copied is None:
+        # Allowed (the kick then takes the wire), but not for JSON's own values.
+        assert name in {"lone surrogate", "object"}, f"{name}: no copy"
+        return
+    assert _exact(copied) == _exact(wire)
+
+
+def test_the_copy_is_the_receivers_own() -> None:
+    broker = InMemoryBroker()
+    item = {"rows": [1, 2]}
+    message = TaskiqMessage(
+        task_id="m0", task_name="t", labels={}, args=[item], kwargs={}
+    )
+    copied = wire_copy(broker, message)
+    assert copied is not None
+    assert copied.args == [item]
+    assert copied.args[0] is not item
+    item["rows"].append(3)
+    assert copied.args == [{"rows": [1, 2]}]
+
+
+def test_other_formatters_and_serializers_take_the_wire() -> None:
+    from taskiq.serializers import JSONSerializer
+
+    message = TaskiqMessage(task_id="m0", task_name="t", labels={}, args=[1], kwargs={})
+    assert wire_copy(InMemoryBroker(), message) is not None
+    non_ascii = InMemoryBroker().with_serializer(JSONSerializer(ensure_ascii=False))
+    assert wire_copy(non_ascii, message) is None
+    custom = InMemoryBroker()
+
+    class Formatter(ProxyFormatter):
+        """taskiq's default formatter, but a class of its own."""
+
+    custom.formatter = Formatter(custom)
+    assert wire_copy(custom, message) is None
+
+
+async def test_a_kick_replaced_after_the_first_batch_task_gets_every_message(
+    broker: InMemoryBroker,
+) -> None:
+    calls: list[list[int]] = []
+
+    @batch_task(broker, batch_size=2, batch_timeout=60)
+    async def save(items: list[int]) -> None:
+        calls.append(items)
+
+    kicked: list[BrokerMessage] = []
+
+    async def capture(message: BrokerMessage) -> None:
+        kicked.append(message)
+
+    broker.kick = capture  # type: ignore[method-assign]
+    await save.kiq(1)
+    await save.kiq(2)
+    assert [broker.formatter.loads(m.message).args for m in kicked] == [[1], [2]]
+    assert calls == []
+    assert sent(broker) == 0
+
+
+async def test_a_message_refused_on_the_way_fails_the_kick_as_on_taskiqs(
+    broker: InMemoryBroker,
+) -> None:
+    @batch_task(broker, batch_size=2, batch_timeout=60)
+    async def save(items: list[Any]) -> None: ...
+
+    with pytest.raises(SendTaskError):
+        await save.kiq(object())
+    assert sent(broker) == 0

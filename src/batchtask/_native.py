@@ -316,6 +316,28 @@ class NativePath:
             message.parse_labels()
         except Exception:
             return False  # taskiq's path reports and acks it
+        return self._take_parsed(message, data, owns_delivery_slot)
+
+    def take_sent(self, message: TaskiqMessage) -> bool:
+        """Take a batch task's message kicked in this process; False: not taken.
+
+        `message` is what taskiq's receiver would parse from the message's
+        wire form (an in-process broker's adapter makes it without the wire:
+        `batchtask.brokers.inmemory.wire_copy`); it is the receiver's own from
+        here on, labels parsed here, as `take` parses them.
+        """
+        try:
+            message.parse_labels()
+        except Exception:
+            return False
+        return self._take_parsed(message, b"", False)
+
+    def _take_parsed(
+        self,
+        message: TaskiqMessage,
+        data: bytes | AckableMessage,
+        owns_delivery_slot: bool,
+    ) -> bool:
         found = self.broker.find_task(message.task_name)
         task = None if found is None else batch_task_of(found.original_func)
         if task is None or (task.signature.injected and not self.with_dependencies):

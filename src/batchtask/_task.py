@@ -62,6 +62,7 @@ from batchtask._config import (
 )
 from batchtask._context import BatchContext, merged_injections
 from batchtask._errors import ItemExpiredError
+from batchtask._ids import fresh_id_for
 from batchtask._outcomes import Outcome, settle
 from batchtask._retries import (
     DeadLetterTask,
@@ -81,7 +82,7 @@ from batchtask._shaping import (
 )
 from batchtask._signature import BatchSignature, BoundItem
 from batchtask._spans import Scope
-from batchtask.brokers import adapter_for
+from batchtask.brokers import adapter_for, sender_of
 
 if TYPE_CHECKING:
     from taskiq.scheduler.scheduled_task import CronSpec
@@ -98,6 +99,8 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("batchtask")
+_taskiq_logger = logging.getLogger("taskiq")
+"""Where taskiq's kicker logs each kick (at DEBUG)."""
 
 CALL_AVERAGING = 0.2
 """The weight of the latest call in `BatchTask.call_seconds`."""
@@ -147,11 +150,55 @@ class BatchKicker(AsyncKicker[EntryP, ResultT]):
 
     def _prepare_message(self, *args: Any, **kwargs: Any) -> TaskiqMessage:
         self._signature.check(args, kwargs)
-        return super()._prepare_message(*args, **kwargs)
+        if self.custom_task_id is not None:
+            return super()._prepare_message(*args, **kwargs)
+        # taskiq's default id, without a system call per message (`_ids`).
+        self.custom_task_id = fresh_id_for(self.broker)
+        try:
+            return super()._prepare_message(*args, **kwargs)
+        finally:
+            self.custom_task_id = None
 
     def message(self, *args: Any, **kwargs: Any) -> TaskiqMessage:
         """The message ``kiq(*args, **kwargs)`` would send, checked, not sent."""
         return self._prepare_message(*args, **kwargs)
+
+    if not TYPE_CHECKING:
+        # Typed as taskiq's kiq (its overloads); the same steps as taskiq's.
+
+        async def kiq(self, *args: Any, **kwargs: Any) -> Any:
+            """Send one item, as taskiq's ``kiq`` does.
+
+            On a broker that handles its messages in this process (taskiq's
+            ``InMemoryBroker``), the message goes to the batch-native path
+            as the receiver would parse it, without its bytes
+            (`batchtask.brokers.sender_of`); everything else is taskiq's:
+            the message, ``pre_send``, ``post_send``, ``SendTaskError``.
+            """
+            broker = self.broker
+            send = sender_of(broker)
+            if send is None:
+                return await super().kiq(*args, **kwargs)
+            _taskiq_logger.debug(
+                "Kicking %s with args=%s and kwargs=%s.", self.task_name, args, kwargs
+            )
+            message = self._prepare_message(*args, **kwargs)
+            for middleware in broker.middlewares:
+                if middleware.__class__.pre_send != TaskiqMiddleware.pre_send:
+                    message = await maybe_awaitable(middleware.pre_send(message))
+            try:
+                if not send(message):
+                    await broker.kick(broker.formatter.dumps(message))
+            except Exception as exc:
+                raise SendTaskError from exc
+            for middleware in reversed(broker.middlewares):
+                if middleware.__class__.post_send != TaskiqMiddleware.post_send:
+                    await maybe_awaitable(middleware.post_send(message))
+            return AsyncTaskiqTask(
+                task_id=message.task_id,
+                result_backend=broker.result_backend,
+                return_type=self.return_type,
+            )
 
 
 class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
@@ -273,8 +320,10 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
                 if type(middleware).pre_send is not TaskiqMiddleware.pre_send:
                     message = await maybe_awaitable(middleware.pre_send(message))
             messages.append(message)
+        send = sender_of(broker)  # in process: without the wire, as kiq
         try:
-            await kick_many(broker, [broker.formatter.dumps(m) for m in messages])
+            wired = messages if send is None else [m for m in messages if not send(m)]
+            await kick_many(broker, [broker.formatter.dumps(m) for m in wired])
         except Exception as exc:
             raise SendTaskError from exc
         for message in messages:

@@ -26,9 +26,11 @@ how to add a family.
 """
 
 import importlib
+import weakref
+from collections.abc import Callable
 from typing import Any, Final
 
-from taskiq import AsyncBroker, AsyncResultBackend
+from taskiq import AsyncBroker, AsyncResultBackend, TaskiqMessage
 
 from batchtask.brokers._base import (
     DEFAULTS,
@@ -122,6 +124,23 @@ def local_path(receiver: Any, adapter: BrokerAdapter) -> LocalPath | None:
     return _local_paths[0](receiver, adapter)
 
 
+Sender = Callable[[TaskiqMessage], bool]
+"""Hands a message kicked in this process to the batch-native path, as the
+receiver would parse it; False: not taken (kick it as usual)."""
+
+_senders: "weakref.WeakKeyDictionary[AsyncBroker, Sender]" = weakref.WeakKeyDictionary()
+
+
+def send_here(broker: AsyncBroker, sender: Sender) -> None:
+    """Let batch tasks' kicks on `broker` skip the wire: an in-process family's call."""
+    _senders[broker] = sender
+
+
+def sender_of(broker: AsyncBroker) -> Sender | None:
+    """How a kick on `broker` reaches the native path without the wire, if it can."""
+    return _senders.get(broker)
+
+
 def _load(path: str) -> Any:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(f"batchtask.brokers.{module}"), name)
@@ -135,10 +154,13 @@ __all__ = [
     "NewLocalPath",
     "Options",
     "PerMessage",
+    "Sender",
     "UnackedCap",
     "adapter_for",
     "families",
     "local_path",
+    "send_here",
+    "sender_of",
     "serve_in_process",
     "writer_for",
 ]

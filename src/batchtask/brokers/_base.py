@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Generic, NamedTuple, Protocol, TypeVar
 
-from taskiq import AckableMessage, AsyncBroker, AsyncResultBackend, BrokerMessage
+from taskiq import (
+    AckableMessage,
+    AsyncBroker,
+    AsyncResultBackend,
+    BrokerMessage,
+    TaskiqMessage,
+)
 from taskiq.acks import AckController
 
 logger = logging.getLogger("batchtask")
@@ -59,6 +65,10 @@ class LocalPath(Protocol):
 
     def take(self, data: bytes | AckableMessage, owns_delivery_slot: bool) -> bool:
         """Take a batch task's message; False leaves it to taskiq."""
+        ...
+
+    def take_sent(self, message: TaskiqMessage) -> bool:
+        """Take a batch task's message as parsed, kicked in this process."""
         ...
 
     def close(self) -> None:

@@ -31,11 +31,19 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from taskiq import AsyncBroker, BrokerMessage, InMemoryBroker, TaskiqEvents
+from taskiq import (
+    AsyncBroker,
+    BrokerMessage,
+    InMemoryBroker,
+    TaskiqEvents,
+    TaskiqMessage,
+)
+from taskiq.formatters.proxy_formatter import ProxyFormatter
+from taskiq.serializers import JSONSerializer
 from taskiq.state import TaskiqState
 
 from batchtask import _compat
-from batchtask.brokers import local_path
+from batchtask.brokers import local_path, send_here
 from batchtask.brokers._base import LocalPath, PerMessage, missing_attributes
 
 logger = logging.getLogger("batchtask")
@@ -122,6 +130,8 @@ class _Local:
         """The burst of this loop turn, while it is open."""
         self.taking: str | None = None
         self.ended_in_take = False
+        self.sent = 0
+        """Messages taken without their wire form (`Kicks.send`)."""
         self.read: tuple[int, list[Any], Any] | None = None
         """What the path read when it started: the tasks' generation, the
         middlewares, the result backend."""
@@ -129,7 +139,15 @@ class _Local:
 
     def take(self, message: BrokerMessage) -> bool:
         """Hand `message` to the native path; False leaves it to taskiq."""
-        task_id = message.task_id
+        return self._take(message.task_id, message.message)
+
+    def take_sent(self, message: TaskiqMessage) -> bool:
+        """Hand a message kicked here, as parsed (`wire_copy`), to the native path."""
+        taken = self._take(message.task_id, message)
+        self.sent += taken
+        return taken
+
+    def _take(self, task_id: str, message: bytes | TaskiqMessage) -> bool:
         if task_id in self.bursts:
             # A message with this id is held here (kicked twice, a retry or
             # requeue of it while its call runs): taskiq runs it as it would.
@@ -151,7 +169,10 @@ class _Local:
         self.taking = task_id
         self.ended_in_take = False
         try:
-            taken = self.path.take(message.message, owns_delivery_slot=False)
+            if isinstance(message, bytes):
+                taken = self.path.take(message, owns_delivery_slot=False)
+            else:
+                taken = self.path.take_sent(message)
         finally:
             self.taking = None
         if not taken:
@@ -217,6 +238,7 @@ class Kicks:
         """Route `broker`'s kicks from now on."""
         kicks = Kicks(broker, adapter)
         vars(broker)["kick"] = kicks.kick
+        send_here(broker, kicks.send)
         broker.add_event_handler(TaskiqEvents.WORKER_SHUTDOWN, kicks.on_shutdown)
         return kicks
 
@@ -228,6 +250,23 @@ class Kicks:
             if local is not None and local.take(message):
                 return
         await self.stock(message)
+
+    def send(self, message: TaskiqMessage) -> bool:
+        """A batch task's message kicked here, to the native path without the wire.
+
+        Taken only where it is certain to be what the wire would give
+        (`wire_copy`), while this `kick` is still the broker's and the
+        broker does not kick in place; False: kick it as usual.
+        """
+        broker = self.broker
+        kick: Any = vars(broker).get("kick")
+        if getattr(broker, "await_inplace", False) or kick != self.kick:
+            return False
+        local = self._local()
+        if local is None:
+            return False
+        received = wire_copy(broker, message)
+        return received is not None and local.take_sent(received)
 
     def _local(self) -> _Local | None:
         loop = asyncio.get_running_loop()
@@ -262,3 +301,30 @@ class Kicks:
         if local is not None:
             local.path.close()
             await local.path.drain()
+
+
+def wire_copy(broker: AsyncBroker, message: TaskiqMessage) -> TaskiqMessage | None:
+    """`message` as taskiq's receiver parses it from its wire form, or None.
+
+    What taskiq's default formatter and JSON serializer do to a message on its
+    way (``model_dump(mode="json")``, ``json.dumps``, ``json.loads``,
+    ``model_validate``) is pydantic's own JSON round trip of the message
+    (``model_dump_json``, ``model_validate_json``), a third of the cost: the
+    same JSON values both ways (tests/test_inprocess.py compares them value by
+    value). Only for that formatter and serializer (``ensure_ascii``, the
+    default); None for any other, and for a message pydantic cannot write as
+    JSON (the wire path then reports it as it would).
+    """
+    formatter: Any = broker.formatter
+    serializer: Any = broker.serializer
+    if (
+        type(formatter) is not ProxyFormatter
+        or formatter.broker is not broker
+        or type(serializer) is not JSONSerializer
+        or not serializer.ensure_ascii
+    ):
+        return None
+    try:
+        return TaskiqMessage.model_validate_json(message.model_dump_json())
+    except Exception:
+        return None
