@@ -4,6 +4,7 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 from taskiq import InMemoryBroker
 
 from batchtask import batch_task
@@ -79,3 +80,18 @@ async def test_a_default_broker_gets_fresh_ids_each_kick() -> None:
     assert len({task.task_id for task in tasks}) == 3
     assert all(uuid.UUID(hex=task.task_id).version == 4 for task in tasks)
     assert all(not result.is_err for result in results)
+
+
+def test_fresh_ids_are_the_uuid_modules_own_for_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchtask import _ids
+
+    raw = bytes(range(256)) * (IDS_PER_READ // 16)
+    monkeypatch.setattr(_ids.os, "urandom", lambda size: raw[:size])
+    made = _ids._read_ids()
+    expected = [
+        uuid.UUID(bytes=raw[start : start + 16], version=4).hex
+        for start in range(0, 16 * IDS_PER_READ, 16)
+    ]
+    assert made == expected

@@ -16,7 +16,6 @@ and ``with_task_id``, are used as they are.
 """
 
 import os
-from uuid import UUID
 
 from taskiq import AsyncBroker
 from taskiq.abc.broker import default_id_generator
@@ -25,8 +24,8 @@ IDS_PER_READ = 256
 """Ids made from one ``os.urandom`` read."""
 
 _ID_BYTES = 16
-_unused: list[bytes] = []
-"""Random bytes read and not handed out yet, 16 per id (popped from the end)."""
+_unused: list[str] = []
+"""Ids made from bytes read and not handed out yet (popped from the end)."""
 
 
 def _forget() -> None:
@@ -36,14 +35,23 @@ def _forget() -> None:
 os.register_at_fork(after_in_child=_forget)
 
 
+def _read_ids() -> list[str]:
+    """`IDS_PER_READ` ids from one read: ``uuid.UUID(bytes=..., version=4).hex``."""
+    raw = bytearray(os.urandom(_ID_BYTES * IDS_PER_READ))
+    # The version (4) in the high nibble of byte 6, the RFC 4122 variant
+    # (0b10) in the two high bits of byte 8, as uuid.UUID(version=4) sets them.
+    raw[6::_ID_BYTES] = bytes(0x40 | (byte & 0x0F) for byte in raw[6::_ID_BYTES])
+    raw[8::_ID_BYTES] = bytes(0x80 | (byte & 0x3F) for byte in raw[8::_ID_BYTES])
+    digits = raw.hex()
+    width = 2 * _ID_BYTES
+    return [digits[start : start + width] for start in range(0, len(digits), width)]
+
+
 def fresh_id() -> str:
     """A random (version 4) UUID as 32 hex digits, as taskiq's default id."""
     if not _unused:
-        raw = os.urandom(_ID_BYTES * IDS_PER_READ)
-        _unused.extend(
-            raw[start : start + _ID_BYTES] for start in range(0, len(raw), _ID_BYTES)
-        )
-    return UUID(bytes=_unused.pop(), version=4).hex
+        _unused.extend(_read_ids())
+    return _unused.pop()
 
 
 def fresh_id_for(broker: AsyncBroker) -> str | None:
