@@ -128,17 +128,24 @@ Sender = Callable[[TaskiqMessage], bool]
 """Hands a message kicked in this process to the batch-native path, as the
 receiver would parse it; False: not taken (kick it as usual)."""
 
-_senders: "weakref.WeakKeyDictionary[AsyncBroker, Sender]" = weakref.WeakKeyDictionary()
+_senders: "weakref.WeakKeyDictionary[AsyncBroker, weakref.WeakMethod[Sender]]" = (
+    weakref.WeakKeyDictionary()
+)
+"""Weak both ways: a sender refers to its broker, and must not keep it alive."""
 
 
 def send_here(broker: AsyncBroker, sender: Sender) -> None:
-    """Let batch tasks' kicks on `broker` skip the wire: an in-process family's call."""
-    _senders[broker] = sender
+    """Let batch tasks' kicks on `broker` skip the wire: an in-process family's call.
+
+    `sender` is a bound method of an object the broker keeps alive.
+    """
+    _senders[broker] = weakref.WeakMethod(sender)
 
 
 def sender_of(broker: AsyncBroker) -> Sender | None:
     """How a kick on `broker` reaches the native path without the wire, if it can."""
-    return _senders.get(broker)
+    found = _senders.get(broker)
+    return None if found is None else found()
 
 
 def _load(path: str) -> Any:
