@@ -3,7 +3,7 @@
 import asyncio
 import random
 import time
-from typing import cast
+from typing import Any, cast
 
 from taskiq import InMemoryBroker
 
@@ -141,3 +141,44 @@ async def test_a_batch_task_knows_what_its_calls_take() -> None:
         assert first < second < 0.15, "averaged, not replaced"
     finally:
         await broker.shutdown()
+
+
+async def test_a_move_that_starts_after_its_route_became_hot_is_batched_here() -> None:
+    """One read brought a whole batch of a route owned elsewhere.
+
+    The first deliveries are routed to the owner before the last makes the
+    route hot here; their moves start after the read's loop turn, see the
+    route hot, and batch them here with the rest (none moves).
+    """
+    from taskiq import TaskiqMessage
+
+    from batchtask._native import NativePath
+
+    members = ["a", "b"]
+    made = router(members, "a")
+    key = next(k for k in (f"k{i}" for i in range(100)) if owner_of(members, k) == "b")
+    cold = next(k for k in (f"c{i}" for i in range(100)) if owner_of(members, k) == "b")
+    sent = [made.route(key, 5, 60.0) for _ in range(5)]
+    assert sent == ["b", "b", "b", "b", None]
+    assert made.route(cold, 5, 60.0) == "b"
+    assert made.hot(key)
+    assert not made.hot(cold)
+
+    moved: list[object] = []
+
+    class Server:
+        async def forward(self, member: str, data: object) -> None:
+            moved.append(data)
+
+    made.server = cast(RouteServer, Server())
+    path = NativePath.__new__(NativePath)
+    path.router = made
+    path.ended = None
+    here: list[object] = []
+    path._take_here = lambda task, message, data, slot: here.append(data)  # type: ignore[method-assign]
+    message = TaskiqMessage(task_id="m", task_name="t", labels={}, args=[], kwargs={})
+    for index in range(4):
+        await path._forward(cast(Any, None), message, f"d{index}", key, "b", False)
+    await path._forward(cast(Any, None), message, "cold", cold, "b", False)
+    assert here == ["d0", "d1", "d2", "d3"]
+    assert moved == ["cold"], "a route that is not hot here still moves"

@@ -135,6 +135,12 @@ async def names() -> AsyncIterator[Names]:
             await client.aclose()
 
 
+def _default_interrupts() -> None:
+    """In the child: SIGINT and SIGQUIT back to their default actions."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 class Process:
     """A subprocess in its own session, its output in a log file."""
 
@@ -151,6 +157,10 @@ class Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # As a terminal starts it: a suite started in the background
+                # (``cmd &`` without job control) ignores SIGINT, which a
+                # child would inherit and bash could then not trap.
+                preexec_fn=_default_interrupts,
             )
         self.name = name
         self.pid = self.popen.pid

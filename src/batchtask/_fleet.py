@@ -294,6 +294,9 @@ class Router:
       this process alone is hot here and stays here (for `HOT_FOR`
       windows after the last such window): a key hot enough for every
       process is batched by every process.
+    - **A whole batch at once stays**: a move starts after the loop turn
+      its delivery arrived in; if the route has become hot here meanwhile
+      (one read brought a batch of it), the delivery is batched here.
     - **Moves that pay**: a delivery moves only if the calls it saves
       cost more than the move (`MOVE_COST`): a batch here holds what this
       process receives of its route in a batch window, at the owner what
@@ -370,6 +373,16 @@ class Router:
         if (call_seconds + CALL_OVERHEAD) * (1 / here - 1 / there) < MOVE_COST:
             return None  # cheap calls, well filled here: not worth a move
         return owner
+
+    def hot(self, key: str) -> bool:
+        """Whether route `key` fills batches in this process by itself now.
+
+        Asked again as a move starts, after the rest of its loop turn: a read
+        that brought a whole batch of one route makes the route hot only at
+        that batch's last delivery, after the first ones were routed.
+        """
+        rate = self._rates.get(key)
+        return rate is not None and time.monotonic() < rate.hot_until
 
     def owner(self, key: str) -> str | None:
         """The member that owns route `key`; None: this one, or not routing."""

@@ -375,6 +375,11 @@ class NativePath:
         """
         router = self.router
         assert router is not None
+        if router.hot(key):
+            # The rest of its loop turn made the route hot here (a read that
+            # brought a whole batch of it): batched here, with the others.
+            self._take_here(task, message, data, owns_delivery_slot)
+            return
         for _ in range(2):
             try:
                 # Bounded: a server that stalls must not hold the delivery (if
