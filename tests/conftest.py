@@ -2,6 +2,8 @@ import asyncio
 import fcntl
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +21,15 @@ def server_answers(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def run_python(script: str, timeout: float = 120) -> str:
+    """Run `script` in a fresh interpreter; its stdout (fails if it failed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def require_server(name: str, port: int) -> None:

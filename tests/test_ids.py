@@ -1,7 +1,5 @@
 """Batch tasks' task ids: taskiq's default kind, from buffered ``os.urandom``."""
 
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -9,6 +7,7 @@ from taskiq import InMemoryBroker
 
 from batchtask import batch_task
 from batchtask._ids import IDS_PER_READ, fresh_id
+from tests.conftest import run_python
 
 
 def test_fresh_ids_are_random_uuids_as_taskiq_makes_them() -> None:
@@ -39,11 +38,7 @@ def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
         "assert not theirs & mine, theirs & mine\n"
         "print('ok')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert run_python(script, timeout=60).strip() == "ok"
 
 
 async def test_a_brokers_own_generator_and_with_task_id_are_kept() -> None:

@@ -7,8 +7,6 @@ batchtask:BatchReceiver``.
 
 import asyncio
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from batchtask._lifecycle import buffered_items
 from batchtask.brokers import adapter_for
 from batchtask.brokers._base import Coalescer
 from batchtask.brokers.redis_stream import RedisStream
-from tests.conftest import require_server, within
+from tests.conftest import require_server, run_python, within
 from tests.faults import OwnRedis, free_port
 from tests.workers import (
     RECEIVER,
@@ -530,11 +528,7 @@ def test_freezing_the_heap_happens_once_per_process() -> None:
         "assert freeze_heap() == frozen == gc.get_freeze_count()\n"
         "print(frozen)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout) > 1000
+    assert int(run_python(script)) > 1000
 
 
 @pytest.mark.parametrize(

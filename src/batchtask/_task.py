@@ -127,6 +127,21 @@ class StockItem:
     """What a tracer noted for its message (`batchtask._spans`)."""
 
 
+async def _pre_send(broker: AsyncBroker, message: TaskiqMessage) -> TaskiqMessage:
+    """`message` through `broker`'s ``pre_send`` middlewares, as taskiq's kiq does."""
+    for middleware in broker.middlewares:
+        if type(middleware).pre_send is not TaskiqMiddleware.pre_send:
+            message = await maybe_awaitable(middleware.pre_send(message))
+    return message
+
+
+async def _post_send(broker: AsyncBroker, message: TaskiqMessage) -> None:
+    """`broker`'s ``post_send`` middlewares for `message`, last added first."""
+    for middleware in reversed(broker.middlewares):
+        if type(middleware).post_send is not TaskiqMiddleware.post_send:
+            await maybe_awaitable(middleware.post_send(message))
+
+
 class BatchKicker(AsyncKicker[EntryP, ResultT]):
     """taskiq's kicker for one item of a batch task.
 
@@ -182,18 +197,13 @@ class BatchKicker(AsyncKicker[EntryP, ResultT]):
             _taskiq_logger.debug(
                 "Kicking %s with args=%s and kwargs=%s.", self.task_name, args, kwargs
             )
-            message = self._prepare_message(*args, **kwargs)
-            for middleware in broker.middlewares:
-                if middleware.__class__.pre_send != TaskiqMiddleware.pre_send:
-                    message = await maybe_awaitable(middleware.pre_send(message))
+            message = await _pre_send(broker, self._prepare_message(*args, **kwargs))
             try:
                 if not send(message):
                     await broker.kick(broker.formatter.dumps(message))
             except Exception as exc:
                 raise SendTaskError from exc
-            for middleware in reversed(broker.middlewares):
-                if middleware.__class__.post_send != TaskiqMiddleware.post_send:
-                    await maybe_awaitable(middleware.post_send(message))
+            await _post_send(broker, message)
             return AsyncTaskiqTask(
                 task_id=message.task_id,
                 result_backend=broker.result_backend,
@@ -315,11 +325,9 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         kicker = self.kicker()
         messages: list[TaskiqMessage] = []
         for item in items:
-            message = kicker.message(item, *args, **kwargs)
-            for middleware in broker.middlewares:
-                if type(middleware).pre_send is not TaskiqMiddleware.pre_send:
-                    message = await maybe_awaitable(middleware.pre_send(message))
-            messages.append(message)
+            messages.append(
+                await _pre_send(broker, kicker.message(item, *args, **kwargs))
+            )
         send = sender_of(broker)  # in process: without the wire, as kiq
         try:
             wired = messages if send is None else [m for m in messages if not send(m)]
@@ -327,9 +335,7 @@ class BatchTask(Generic[ItemT, P, EntryP, ResultT, CallT]):
         except Exception as exc:
             raise SendTaskError from exc
         for message in messages:
-            for middleware in reversed(broker.middlewares):
-                if type(middleware).post_send is not TaskiqMiddleware.post_send:
-                    await maybe_awaitable(middleware.post_send(message))
+            await _post_send(broker, message)
         # The broker's backend is generic in nothing; each item's result is
         # a ResultT, as for kiq.
         backend = typing.cast("AsyncResultBackend[ResultT]", broker.result_backend)

@@ -56,6 +56,7 @@ own path, where batching works as on any worker.
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import re
@@ -393,10 +394,7 @@ async def _stop(task: "asyncio.Task[None]") -> None:
         await asyncio.wait({task}, timeout=0.1)
 
 
-_frozen: list[int] = []
-"""What `freeze_heap` froze in this process, once it has."""
-
-
+@functools.cache
 def freeze_heap() -> int:
     """Collect garbage, then freeze every object left; return how many are frozen.
 
@@ -406,16 +404,15 @@ def freeze_heap() -> int:
     walks every object not frozen. Frozen, the start-up heap (modules,
     classes, the app) is out of those walks.
     """
-    if not _frozen:
-        gc.collect()
-        gc.freeze()
-        _frozen.append(gc.get_freeze_count())
-        logger.debug(
-            "batchtask: %d objects from start-up frozen (gc.freeze); full garbage "
-            "collections skip them (--receiver_arg gc_freeze=false: not frozen)",
-            _frozen[0],
-        )
-    return _frozen[0]
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug(
+        "batchtask: %d objects from start-up frozen (gc.freeze); full garbage "
+        "collections skip them (--receiver_arg gc_freeze=false: not frozen)",
+        frozen,
+    )
+    return frozen
 
 
 def _count(value: int | str, name: str) -> int:
