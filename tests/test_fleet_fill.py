@@ -28,6 +28,7 @@ from tests.workers import (
     RECEIVER,
     REDIS_URL,
     app_env,
+    explain,
     kill,
     new_queue,
     processed,
@@ -251,34 +252,6 @@ async def run(
         "workers": workers,
         "sent_in": sent_in,
     }
-
-
-async def explain(
-    queue: str, kind: str, total: int, workers: list[subprocess.Popen[bytes]]
-) -> None:
-    """Print what a stuck run holds: the items not processed, what the
-    queue's consumers (and the fleet's inboxes, on Redis) still hold, and the
-    end of each worker's log."""
-    counts = await processed(queue)
-    missing = sorted(set(range(total)) - set(counts))
-    print(f"not processed: {len(missing)} of {total}, first {missing[:20]}")
-    if kind in ("stream", "cluster", "sentinel"):
-        client = stream_client(kind)
-        try:
-            names = [queue]
-            async for name in client.scan_iter(match=f"*{queue}*:batchtask:inbox:*"):
-                names.append(name.decode() if isinstance(name, bytes) else name)
-            for name in names:
-                length = await client.xlen(name)
-                pending = await client.xpending(name, queue)
-                print(f"{name}: length {length}, pending {pending}")
-        except Exception as exc:  # a diagnosis only: never hides the failure
-            print(f"could not read the streams: {exc!r}")
-        finally:
-            await client.aclose()
-    for worker in workers:
-        tail = worker_log(worker).splitlines()[-40:]
-        print(f"--- worker {worker.pid} (exit {worker.poll()}):", *tail, sep="\n")
 
 
 async def joined(queue: str, size: int, kind: str = "stream") -> None:

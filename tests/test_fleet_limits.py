@@ -21,6 +21,7 @@ from tests.workers import (
     RECEIVER,
     REDIS_URL,
     app_env,
+    explain,
     kill,
     new_queue,
     processed,
@@ -113,7 +114,11 @@ async def run_fleet(
                 async def all_processed() -> bool:
                     return len(await processed(queue)) >= KEYS * PER_KEY
 
-                await until(all_processed, 120, "every item processed")
+                try:
+                    await until(all_processed, 120, "every item processed")
+                except AssertionError:
+                    await explain(queue, kind, KEYS * PER_KEY, machines)
+                    raise
                 await asyncio.sleep(1.0)  # a late call would show now
                 calls = await spans(queue)
                 counts = await processed(queue)

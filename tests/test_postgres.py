@@ -9,13 +9,15 @@ measure it: each prints kicked, processed, duplicated and lost.
 """
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from taskiq import BrokerMessage
+from taskiq import AckableMessage, BrokerMessage
 from taskiq_pg.asyncpg import AsyncpgBroker
 
 from batchtask.brokers.postgres import PostgresRedelivery
@@ -367,3 +369,181 @@ async def _is(value: Any, expected: object) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _broker(table: str) -> AsyncpgBroker:
+    broker = AsyncpgBroker(dsn=PG_URL, channel_name=table, table_name=table)
+    await broker.startup()
+    return broker
+
+
+async def _status_of(connection: Any, table: str, row_id: int) -> str | None:
+    value = await connection.fetchval(
+        f"SELECT status FROM {table} WHERE id = $1", row_id
+    )
+    return None if value is None else str(value)
+
+
+MESSAGES = [b"plain", "unicode \u00e9\u4e2d \U0001f600".encode(), b'{"json": [1, 2]}']
+
+
+async def test_listen_yields_what_the_brokers_own_listen_yields() -> None:
+    """The same messages kicked into two tables: taskiq-postgres's own
+    ``listen()`` on one, `PostgresRedelivery.listen` on the other. Each yields
+    every message once, with the same bytes, in the same order, a duplicate
+    notification included; each ack deletes its row. Only the second's rows
+    carry the worker's tag from the claim on."""
+    require_server("PostgreSQL", 5432)
+    tables = [new_queue().replace("-", "_") for _ in range(2)]
+    brokers = [await _broker(table) for table in tables]
+    direct = await asyncpg.connect(PG_URL)
+    redelivery = PostgresRedelivery(brokers[1])
+    seen: list[list[tuple[bytes, str | None]]] = [[], []]
+    try:
+        redelivery.start()
+        streams = [aiter(brokers[0].listen()), aiter(redelivery.listen())]
+        for broker in brokers:
+            for index, body in enumerate(MESSAGES):
+                await broker.kick(
+                    BrokerMessage(
+                        task_id=f"t{index}", task_name="n", message=body, labels={}
+                    )
+                )
+            # A second notification of the first row: claimed once all the same.
+            first = await direct.fetchval(f"SELECT min(id) FROM {broker.table_name}")
+            await direct.execute(
+                f"SELECT pg_notify('{broker.channel_name}', '{first}')"
+            )
+        for side, (table, stream) in enumerate(zip(tables, streams, strict=True)):
+            for _ in MESSAGES:
+                delivery = await asyncio.wait_for(anext(stream), 10)
+                assert isinstance(delivery, AckableMessage)
+                row_id = await direct.fetchval(
+                    f"SELECT id FROM {table} WHERE message = $1", delivery.data.decode()
+                )
+                seen[side].append(
+                    (delivery.data, await _status_of(direct, table, row_id))
+                )
+                await delivery.ack()
+            with pytest.raises(TimeoutError):  # the duplicate notification
+                await asyncio.wait_for(anext(stream), 0.5)
+        left = [
+            await direct.fetchval(f"SELECT count(*) FROM {table}") for table in tables
+        ]
+    finally:
+        await redelivery.stop()
+        for broker, table in zip(brokers, tables, strict=True):
+            await broker.shutdown()
+            await direct.execute(f"DROP TABLE IF EXISTS {table}")
+        await direct.close()
+    print(f"listen[postgres]: stock {seen[0]}; tagged {seen[1]}")
+    assert [data for data, _ in seen[0]] == MESSAGES
+    assert [data for data, _ in seen[1]] == MESSAGES
+    assert {status for _, status in seen[0]} == {"processing"}
+    assert {status for _, status in seen[1]} == {redelivery.tag}
+    assert left == [0, 0]
+
+
+async def test_a_worker_gone_right_after_its_claim_leaves_its_row_to_others() -> None:
+    """A claim made by `PostgresRedelivery.listen` is tagged in the claim
+    itself: a worker whose session ends before it takes another step (SIGKILL
+    right after the claim; here its lease closed and nothing noted) leaves a
+    row that another worker's next sweep hands out, not one untagged for
+    `reclaim_after` (10 minutes)."""
+    require_server("PostgreSQL", 5432)
+    table = new_queue().replace("-", "_")
+    gone, other = await _broker(table), await _broker(table)
+    direct = await asyncpg.connect(PG_URL)
+    dying = PostgresRedelivery(gone)
+    sweeper = PostgresRedelivery(other, sweep_every=0.2)
+    try:
+        dying.start()
+        stream = aiter(dying.listen())
+        await gone.kick(
+            BrokerMessage(task_id="t", task_name="n", message=b"m", labels={})
+        )
+        delivery = await asyncio.wait_for(anext(stream), 10)
+        row_id = int(await direct.fetchval(f"SELECT id FROM {table}"))
+        claimed_as = await _status_of(direct, table, row_id)
+        await dying.stop()  # its session ends: the worker is gone
+        sweeper.start()
+        await until(
+            lambda: _is(_status_of(direct, table, row_id), "pending"),
+            10,
+            "the claim of the worker that is gone handed out",
+        )
+    finally:
+        await sweeper.stop()
+        for broker in (gone, other):
+            await broker.shutdown()
+        await direct.execute(f"DROP TABLE IF EXISTS {table}")
+        await direct.close()
+    assert delivery.data == b"m"
+    assert claimed_as == dying.tag
+
+
+class _LostReply:
+    """A write pool whose connections run each claim, then drop its reply."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.dropped = 0
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self.pool.acquire() as conn:
+            yield self._Conn(conn, self)
+
+    class _Conn:
+        def __init__(self, conn: Any, owner: "_LostReply") -> None:
+            self.conn, self.owner = conn, owner
+
+        async def fetchval(self, sql: str, *args: object) -> object:
+            value = await self.conn.fetchval(sql, *args)
+            if self.owner.dropped == 0:
+                self.owner.dropped += 1
+                raise ConnectionResetError("the reply was lost")
+            return value
+
+        async def execute(self, sql: str, *args: object) -> object:
+            return await self.conn.execute(sql, *args)
+
+
+async def test_a_claim_whose_reply_was_lost_is_taken_on_the_next_listen() -> None:
+    """The claim's ``UPDATE`` lands but its reply is lost (the connection
+    drops): `listen` raises the connection error (the receiver listens again
+    after a delay) and the next `listen` takes the row, now this worker's,
+    once; not left claimed by nobody."""
+    require_server("PostgreSQL", 5432)
+    table = new_queue().replace("-", "_")
+    broker = await _broker(table)
+    direct = await asyncpg.connect(PG_URL)
+    redelivery = PostgresRedelivery(broker)
+    real_pool = broker._write_pool
+    lossy = _LostReply(real_pool)
+    try:
+        redelivery.start()
+        await broker.kick(
+            BrokerMessage(task_id="t", task_name="n", message=b"m", labels={})
+        )
+        broker._write_pool = lossy
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(anext(aiter(redelivery.listen())), 10)
+        row_id = int(await direct.fetchval(f"SELECT id FROM {table}"))
+        after_loss = await _status_of(direct, table, row_id)
+        stream = aiter(redelivery.listen())
+        delivery = await asyncio.wait_for(anext(stream), 10)
+        await delivery.ack()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(stream), 0.5)
+        left = await direct.fetchval(f"SELECT count(*) FROM {table}")
+    finally:
+        broker._write_pool = real_pool
+        await redelivery.stop()
+        await broker.shutdown()
+        await direct.execute(f"DROP TABLE IF EXISTS {table}")
+        await direct.close()
+    assert lossy.dropped == 1
+    assert after_loss == redelivery.tag, "the lost claim landed"
+    assert delivery.data == b"m"
+    assert left == 0

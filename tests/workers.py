@@ -237,6 +237,64 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
             await connection.close()
 
 
+async def explain(
+    queue: str, kind: str, total: int, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Print what a stuck run holds: the items not processed, what the
+    queue's consumers (and the fleet's inboxes, on Redis) still hold, the
+    rows left in a PostgreSQL queue's table (and whose sessions are alive),
+    and the end of each worker's log. A diagnosis only: it never raises."""
+    counts = await processed(queue)
+    missing = sorted(set(range(total)) - set(counts))
+    print(f"not processed: {len(missing)} of {total}, first {missing[:20]}")
+    try:
+        if kind in ("stream", "cluster", "sentinel"):
+            await _explain_streams(queue, kind)
+        elif kind == "postgres":
+            await _explain_table(queue)
+    except Exception as exc:
+        print(f"could not read what the broker holds: {exc!r}")
+    for worker in workers:
+        tail = worker_log(worker).splitlines()[-40:]
+        print(f"--- worker {worker.pid} (exit {worker.poll()}):", *tail, sep="\n")
+
+
+async def _explain_streams(queue: str, kind: str) -> None:
+    client = stream_client(kind)
+    try:
+        names = [queue]
+        async for name in client.scan_iter(match=f"*{queue}*:batchtask:inbox:*"):
+            names.append(name.decode() if isinstance(name, bytes) else name)
+        for name in names:
+            length = await client.xlen(name)
+            pending = await client.xpending(name, queue)
+            print(f"{name}: length {length}, pending {pending}")
+    finally:
+        await client.aclose()
+
+
+async def _explain_table(queue: str) -> None:
+    import asyncpg
+
+    table = queue.replace("-", "_")
+    connection = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        rows = await connection.fetch(
+            f"SELECT id, status, created_at, message::json->'args'->>0 AS value "
+            f"FROM {table} ORDER BY id LIMIT 40"
+        )
+        live = await connection.fetch(
+            "SELECT pid, backend_start, state FROM pg_stat_activity "
+            "WHERE datname = 'test'"
+        )
+    finally:
+        await connection.close()
+    print(f"{table}: {len(rows)} row(s) left (first 40):")
+    for row in rows:
+        print(f"  id {row['id']} value {row['value']}: {row['status']}")
+    print("sessions on test:", ", ".join(f"{r['pid']} ({r['state']})" for r in live))
+
+
 async def recorded_calls(queue: str) -> list[tuple[int, list[int]]]:
     """Every call of the batch function: (worker pid, its values)."""
     client = redis.from_url(REDIS_URL)

@@ -12,8 +12,14 @@ connection) silently stops deliveries. `PostgresRedelivery`, run by
 - it holds a *lease* connection of its own; its session (``pg_backend_pid()``
   and ``backend_start``) names this worker process while it lives;
 - every row this worker claims is tagged ``processing:<pid>:<start in µs>``
-  (one ``UPDATE`` for the claims of a loop turn; a tag that failed is made by
-  the next sweep);
+  by the claim itself: `PostgresRedelivery.listen` is the broker's
+  ``listen()`` with its claim statement setting the tag instead of
+  ``'processing'`` (a worker killed between a claim and a later tag would
+  leave the row untagged, handed out only after `reclaim_after`); a claim
+  made before the lease is connected is tagged by one ``UPDATE`` for the
+  claims of a loop turn, and a tag that failed is made by the next sweep; a
+  claim whose outcome is unknown (its connection dropped) is tried again
+  accepting the row already tagged by it;
 - every `sweep_every` seconds one statement hands out again (``pending`` plus
   ``pg_notify``) rows whose tag names a session no longer in
   ``pg_stat_activity``, and untagged ``'processing'`` rows this sweeper has
@@ -35,8 +41,9 @@ worker. A row due is one whose ``delay`` label (seconds after ``created_at``)
 has passed.
 
 Reads taskiq-postgres's private ``_read_conn``, ``_owns_read_conn``,
-``_notification_handler`` and ``_queue`` of the broker, and the row id as the
-ack closure's ``_message_id`` keyword default (taskiq-postgres 0.9). The lease
+``_notification_handler``, ``_queue`` and ``_write_pool`` of the broker, and
+the row id as the ack closure's ``_message_id`` keyword default
+(taskiq-postgres 0.9). The lease
 must be a session of its own (no transaction-pooling proxy in between).
 """  # noqa: E501
 
@@ -44,6 +51,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Final, cast
 
 from taskiq import AckableMessage, AsyncBroker
@@ -57,9 +65,11 @@ logger = logging.getLogger("batchtask")
 PRIVATE_NAMES = (
     "taskiq_pg AsyncpgBroker._read_conn, ._owns_read_conn: its LISTEN connection",
     "taskiq_pg AsyncpgBroker._notification_handler(conn, pid, channel, payload)",
-    "taskiq_pg AsyncpgBroker._queue: the notified row ids waiting for listen()",
-    "taskiq_pg AsyncpgBroker._write_pool: where call-limit leases borrow a "
-    "connection (TableLeases; a connection of their own without it)",
+    "taskiq_pg AsyncpgBroker._queue: the notified row ids waiting for listen(), "
+    "read by PostgresRedelivery.listen",
+    "taskiq_pg AsyncpgBroker._write_pool: where PostgresRedelivery.listen claims "
+    "and acks rows, and call-limit leases borrow a connection (TableLeases; a "
+    "connection of their own without it)",
     "taskiq_pg AsyncpgBroker.listen.<locals>.ack: the row id as its "
     "_message_id keyword default",
 )
@@ -88,6 +98,23 @@ _DUE: Final = (
 _OWN_TAG: Final = (
     f"SELECT {_SESSION_TAG} FROM pg_stat_activity AS a WHERE a.pid = pg_backend_pid()"
 )
+
+_CLAIM: Final = (
+    "UPDATE {table} SET status = $2 WHERE id = $1 AND status = 'pending' "
+    "RETURNING message"
+)
+"""taskiq-postgres's claim, setting tag $2 (``'processing'`` before the lease
+is connected) instead of ``'processing'``."""
+
+_CLAIM_AGAIN: Final = (
+    "UPDATE {table} SET status = $2 WHERE id = $1 AND status IN ('pending', $3) "
+    "RETURNING message"
+)
+"""A claim tried again after its first try's outcome was lost: the row may
+already be this worker's, under status $3 as that try set it."""
+
+_DELETE: Final = "DELETE FROM {table} WHERE id = $1"
+"""taskiq-postgres's ack."""
 
 _TAG: Final = (
     "UPDATE {table} SET status = $2 "
@@ -165,6 +192,9 @@ class PostgresRedelivery:
         self._sql = {
             name: query.replace("{table}", table)
             for name, query in {
+                "claim": _CLAIM,
+                "claim_again": _CLAIM_AGAIN,
+                "delete": _DELETE,
                 "tag": _TAG,
                 "retag": _RETAG,
                 "pending": _PENDING,
@@ -174,6 +204,11 @@ class PostgresRedelivery:
         self._lease: Any = None
         self._fresh: list[int] = []
         """Ids noted since the last tag, to tag next."""
+        self._tagged_at_claim: set[int] = set()
+        """Rows `listen` claimed under this worker's tag, until noted."""
+        self._unsure: dict[int, str] = {}
+        """Rows whose claim's outcome was lost: the status that claim set."""
+        self._tag_known = asyncio.Event()
         self._untagged_since: dict[int, float] = {}
         """Untagged ``'processing'`` rows not held here: when first seen."""
         self._wake = asyncio.Event()
@@ -232,8 +267,76 @@ class PostgresRedelivery:
         if row is None:
             return
         self.held.add(row)
+        if row in self._tagged_at_claim:
+            self._tagged_at_claim.discard(row)
+            return
         self._fresh.append(row)
         self._wake.set()
+
+    def can_listen(self) -> bool:
+        """Whether `listen` can claim for the broker (it is started)."""
+        broker = self.broker
+        return (
+            getattr(broker, "_queue", None) is not None
+            and getattr(broker, "_write_pool", None) is not None
+        )
+
+    async def listen(self) -> AsyncIterator[AckableMessage]:
+        """The broker's ``listen()``, each row claimed under this worker's tag.
+
+        As taskiq-postgres's: a notified row id is claimed (``pending`` to
+        claimed, in one ``UPDATE``) and yielded with an ack that deletes its
+        row. The claim sets the lease session's tag, so a worker killed right
+        after it leaves a row the next sweep anywhere hands out again. It
+        waits up to `CONNECT_TIMEOUT` for the lease at first; without one, it
+        claims as ``'processing'`` and `noted` tags the row. A claim that fails
+        on its connection is tried again once listening starts again (the
+        error is raised: the receiver listens again after a delay); any other
+        error is logged and the notification dropped, as taskiq-postgres does
+        (the sweep takes the row up again after `renotify_after`).
+        """
+        broker = self.broker
+        if self.tag is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await self._tag_known.wait()
+        waiting: asyncio.Queue[str] = broker._queue
+        while True:
+            payload = await waiting.get()
+            try:
+                row = int(payload)
+            except ValueError:
+                logger.warning("batchtask: a notification of no row id: %r", payload)
+                continue
+            tag = self.tag or "processing"
+            before = self._unsure.pop(row, None)
+            try:
+                async with broker._write_pool.acquire() as conn:
+                    if before is None:
+                        message = await conn.fetchval(self._sql["claim"], row, tag)
+                    else:
+                        message = await conn.fetchval(
+                            self._sql["claim_again"], row, tag, before
+                        )
+            except Exception as error:
+                if not transient(error):
+                    logger.exception("batchtask: claiming message %d failed", row)
+                    continue
+                # It may have landed: the next try accepts the row as this
+                # claim left it.
+                self._unsure[row] = tag if before is None else before
+                waiting.put_nowait(payload)
+                raise
+            if message is None:
+                continue  # claimed by another worker, or gone
+            if tag != "processing":
+                self._tagged_at_claim.add(row)
+
+            async def ack(*, _message_id: int = row) -> None:
+                async with broker._write_pool.acquire() as conn:
+                    await conn.execute(self._sql["delete"], _message_id)
+
+            yield AckableMessage(data=str(message).encode(), ack=ack)
 
     async def _run(self) -> None:
         """Tag what was noted, sweep every `sweep_every` seconds, until stopped."""
@@ -311,6 +414,7 @@ class PostgresRedelivery:
             lease.terminate()
             raise
         first, self._lease, self.tag = self.tag is None, lease, tag
+        self._tag_known.set()
         if first:
             logger.info(
                 "batchtask: PostgreSQL redelivery on (%s); %d pending message(s) "
@@ -616,6 +720,13 @@ class Postgres(PerMessage):
         if self.leases is None:
             self.leases = TableLeases(self.broker)
         return self.leases
+
+    def listen(self) -> AsyncIterator[Delivery]:
+        """`PostgresRedelivery.listen`: claims tagged in the claim itself."""
+        redelivery = self.redelivery
+        if redelivery is None or not redelivery.can_listen():
+            return aiter(self.broker.listen())
+        return aiter(redelivery.listen())
 
     def noted(self, data: Delivery) -> None:
         """Tag the delivery's row as this worker's."""
