@@ -254,6 +254,29 @@ async def run(
     }
 
 
+def split_keys(found: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """The keys called in more than one process: each one's calls per pid."""
+    per_key: dict[str, dict[str, int]] = {}
+    for (key, *_), (pid, _) in zip(found["calls"], found["by_pid"], strict=True):
+        pids = per_key.setdefault(key, {})
+        pids[pid] = pids.get(pid, 0) + 1
+    return {key: pids for key, pids in per_key.items() if len(pids) > 1}
+
+
+def tell_fleet(found: dict[str, Any]) -> None:
+    """Print what a run's fleet said of itself: each worker's batchtask lines
+    (membership, warnings), and the calls per process of each split key."""
+    for key, pids in sorted(split_keys(found).items())[:10]:
+        print(f"key {key}: calls per pid {pids}")
+    for worker in found["workers"]:
+        lines = [
+            line
+            for line in worker_log(worker).splitlines()
+            if "batchtask" in line and ("WARNING" in line or "fleet" in line)
+        ]
+        print(f"--- worker {worker.pid}:", *lines[-30:], sep="\n")
+
+
 async def joined(queue: str, size: int, kind: str = "stream") -> None:
     """Wait until `size` processes are members and have seen each other."""
 
@@ -342,6 +365,8 @@ async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
     )
     every_item_once(one, keys=keys)
     every_item_once(fleet, keys=keys)
+    split = split_keys(fleet)
+    print(f"fleet: {len(split)} of {keys} keys called in more than one process")
     assert overlaps(fleet["calls"]) == 0
     assert len(fleet["pids"]) == 4, "every process batches its share of keys"
     # Goal 1 (>= 0.9x) is measured on a quiet machine by bench/fleet.py
@@ -370,6 +395,8 @@ async def test_a_fleet_of_four_fills_batches_as_one_process(kind: str) -> None:
         # once on NATS under the suite). Most of what one window brings is as
         # much as an unloaded process fills.
         window = float(SETTINGS["BATCHTASK_BATCH_TIMEOUT"]) / every
+        if not (ratio >= 0.7 or fleet["mean"] >= 0.9 * window):
+            tell_fleet(fleet)
         assert ratio >= 0.7 or fleet["mean"] >= 0.9 * window, (
             f"fleet {fleet['mean']:.2f} items per call, one process "
             f"{one['mean']:.2f}, one window of the traffic {window:.2f}"
