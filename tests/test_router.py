@@ -1,10 +1,12 @@
 """`batchtask._fleet.Router` by itself: owners, the hot rule, a stale view."""
 
 import asyncio
+import logging
 import random
 import time
 from typing import Any, cast
 
+import pytest
 from taskiq import InMemoryBroker
 
 from batchtask import batch_task
@@ -97,6 +99,29 @@ def test_no_routing_alone_or_on_a_stale_view() -> None:
     assert stale.route(key, 100, 1.0) == "b"
     stale.valid_until = time.monotonic() - 1
     assert stale.route(key, 100, 1.0) is None, "a view past its validity moves nothing"
+
+
+def test_a_stale_view_and_a_failed_move_are_warned_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Batching per process because the fleet's view is too old (a late
+    heartbeat) or because a move failed is said, once a minute for each,
+    and counted."""
+    members = ["a", "b"]
+    made = router(members, "a")
+    key = next(k for k in (f"k{i}" for i in range(100)) if owner_of(members, k) == "b")
+    made.valid_until = time.monotonic() - 1
+    with caplog.at_level(logging.WARNING, logger="batchtask"):
+        for _ in range(3):
+            assert made.route(key, 100, 1.0) is None
+            made.move_failed(TimeoutError())
+    said = [record.getMessage() for record in caplog.records]
+    assert made.stale_routes == 3
+    assert made.unmoved == 3
+    assert len(said) == 2, said
+    assert "view of the fleet is 4.5 s old" in said[0]
+    assert "moving a delivery" in said[1]
+    assert "TimeoutError()" in said[1]
 
 
 def test_a_refused_member_leaves_the_view_at_once() -> None:

@@ -331,11 +331,15 @@ class Router:
         """Each route seen: its owner among `members` and the owner's score."""
         self._rates: dict[str, _Rate] = {}
         self._beating: asyncio.Task[None] | None = None
-        self._warned_at = -1e9
+        self._warned_at: dict[str, float] = {}
         self.forwarded = 0
         """Deliveries moved to another member so far."""
         self.reclaimed = 0
         """Entries of dead members' inboxes moved back to the queue so far."""
+        self.unmoved = 0
+        """Deliveries batched here because their move failed, so far."""
+        self.stale_routes = 0
+        """Deliveries batched here because the view of the fleet was too old."""
 
     def route(
         self,
@@ -386,13 +390,33 @@ class Router:
 
     def owner(self, key: str) -> str | None:
         """The member that owns route `key`; None: this one, or not routing."""
-        if len(self.members) < 2 or time.monotonic() >= self.valid_until:
+        if len(self.members) < 2:
+            return None
+        now = time.monotonic()
+        if now >= self.valid_until:
+            self.stale_routes += 1
+            self._warn(
+                f"batchtask: this worker's view of the fleet is "
+                f"{now - self.valid_until + self.ttl - self._margin:.1f} s old (its "
+                "heartbeat is late); it batches what it receives, per process, "
+                "until a heartbeat goes through",
+                "stale",
+            )
             return None
         known = self._owners.get(key)
         if known is None:
             owner = owner_of(self.members, key)
             known = self._owners[key] = (owner, rendezvous(owner, key))
         return None if known[0] == self.member else known[0]
+
+    def move_failed(self, error: BaseException) -> None:
+        """A move failed with `error`: its delivery is batched here (warned)."""
+        self.unmoved += 1
+        self._warn(
+            f"batchtask: moving a delivery to the worker that batches its key "
+            f"failed ({error!r}); batched here ({self.unmoved} so far)",
+            "move",
+        )
 
     def gone(self, member: str) -> None:
         """The server refused a move to `member`: it is no member any more.
@@ -470,7 +494,7 @@ class Router:
                         "joins"
                     )
             else:
-                self.valid_until = sent + self.ttl - min(MARGIN, self.ttl * 0.3)
+                self.valid_until = sent + self.ttl - self._margin
                 members = tuple(live)
                 if members != self.members:
                     if self.members:
@@ -548,8 +572,14 @@ class Router:
             del self._rates[key]
             self._owners.pop(key, None)
 
-    def _warn(self, text: str) -> None:
+    @property
+    def _margin(self) -> float:
+        """How long before a membership expires this member stops trusting it."""
+        return min(MARGIN, self.ttl * 0.3)
+
+    def _warn(self, text: str, kind: str = "beat") -> None:
+        """Log `text`, once a minute for each `kind` of trouble."""
         now = time.monotonic()
-        if now - self._warned_at >= 60:
-            self._warned_at = now
+        if now - self._warned_at.get(kind, -1e9) >= 60:
+            self._warned_at[kind] = now
             logger.warning(text)

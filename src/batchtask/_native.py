@@ -394,7 +394,7 @@ class NativePath:
                 self._take_here(task, message, data, owns_delivery_slot)
                 return
             except Exception as exc:
-                logger.debug("batchtask: moving %s failed (%r)", message.task_id, exc)
+                router.move_failed(exc)
                 self._take_here(task, message, data, owns_delivery_slot)
                 return
             break
