@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from batchtask._fleet import FleetLimits, LeaseUnavailable
+from batchtask._fleet import FleetLimits, LeaseLost, LeaseUnavailable
 from batchtask.brokers import adapter_for
 from tests.conftest import within
 from tests.workers import require_broker
@@ -124,6 +124,32 @@ async def test_a_silent_server_stops_the_call_before_the_lease_could_pass() -> N
         await within(asyncio.ensure_future(long_call()), 10)
     # Granted at `started`; valid here until ttl less the margin (0.3 s).
     assert stopped_at - started < 1.0 - 0.2, "stopped before the lease could pass"
+
+
+async def test_a_call_whose_lease_lapsed_while_it_ran_keeps_no_outcome() -> None:
+    """The process stopped mid-call (its loop held past the lease: SIGSTOP,
+    here a blocking sleep), so its keeper could not renew: if the server no
+    longer has the lease when the call returns, another process may have
+    run the same items, and `LeaseLost` says the outcome must not be kept.
+    Held past the validity here but not past the server's expiry: the one
+    renewal finds the lease still held, and the call stands."""
+    server = Server()
+    fleet = FleetLimits(server, ttl=1.0)
+    returned = []
+
+    async def call(paused: float) -> None:
+        async with fleet.calls("t", ("k",), None, 1):
+            time.sleep(paused)  # noqa: ASYNC251 - the stopped process
+            returned.append(paused)
+
+    with pytest.raises(LeaseLost):
+        await within(call(1.2), 10)
+    assert returned == [1.2], "the call itself ran to its end"
+    assert fleet.lost == 1
+    await within(call(0.85), 10)  # valid here 0.7 s, on the server 1.0 s
+    assert fleet.lost == 1
+    assert returned == [1.2, 0.85]
+    assert issubclass(LeaseLost, LeaseUnavailable), "handled as a call not made"
 
 
 async def test_no_answer_for_a_leases_lifetime_means_no_call() -> None:

@@ -290,7 +290,8 @@ def tell_fleet(found: dict[str, Any]) -> None:
         lines = [
             line
             for line in worker_log(worker).splitlines()
-            if "batchtask" in line and ("WARNING" in line or "fleet" in line)
+            if "batchtask" in line
+            and ("WARNING" in line or "ERROR" in line or "fleet" in line)
         ]
         print(f"--- worker {worker.pid}:", *lines[-30:], sep="\n")
 
@@ -716,6 +717,19 @@ async def test_a_worker_paused_past_its_membership_loses_nothing() -> None:
     # others: under the whole suite's load, once, 3 such items of 2,000.
     assert len(elsewhere) <= KEYS * PER_KEY // 100, "twice: about what it had"
     results = found["results"]
+    wrong = [
+        (value, result)
+        for value, result in enumerate(results)
+        if result.return_value != 2 * value
+    ]
+    if wrong:
+        for value, result in wrong[:5]:
+            print(
+                f"item {value}: is_err {result.is_err}, error {result.error!r}, "
+                f"return_value {result.return_value!r}, ran {counts.get(value)} "
+                f"time(s), on the paused process: {value in on_paused}"
+            )
+        tell_fleet(found)
     assert [r.return_value for r in results] == [2 * v for v in range(KEYS * PER_KEY)]
 
 

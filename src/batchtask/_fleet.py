@@ -61,6 +61,17 @@ class LeaseUnavailable(Exception):
     """The lease server did not answer for longer than a lease lasts."""
 
 
+class LeaseLost(LeaseUnavailable):
+    """A call ended after its lease could have passed to another process.
+
+    Its process could not renew in time (stopped, or its event loop held
+    for longer than the lease's margin) and the server no longer has the
+    lease (or does not answer): another process may have run the same items
+    meanwhile, so the call's outcome is not kept; its items go back to the
+    broker unacknowledged, as for a call stopped in time.
+    """
+
+
 @dataclass(eq=False, slots=True)
 class Lease:
     """One slot held: its name, holder, token, and until when it is valid here."""
@@ -89,7 +100,8 @@ class FleetLimits:
         self.granted = 0
         """Leases granted so far (for tests and benchmarks)."""
         self.lost = 0
-        """Calls stopped because their lease could not be renewed in time."""
+        """Calls stopped because their lease could not be renewed in time, or
+        whose outcome was dropped because it lapsed while they ran."""
 
     @contextlib.asynccontextmanager
     async def calls(
@@ -103,6 +115,8 @@ class FleetLimits:
 
         :raises LeaseUnavailable: if the server does not answer (the call
             must not be made).
+        :raises LeaseLost: at the call's end, if a lease lapsed while it ran
+            (its outcome must not be kept).
         """
         wanted: list[tuple[str, int]] = []
         if max_calls is not None:
@@ -125,6 +139,7 @@ class FleetLimits:
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
+            await self._confirm(leases)
         finally:
             await self._release(leases)
 
@@ -186,6 +201,42 @@ class FleetLimits:
                         return
                     lease.valid_until = sent + self.ttl - self.margin
                     break
+
+    async def _confirm(self, leases: list[Lease]) -> None:
+        """Check that a call that returned held `leases` to its end.
+
+        Only a lease past its validity here is asked about (one renewal): its
+        keeper could not run in time (the process was stopped, or its loop
+        held). If the server still has it, nobody else had the slot.
+
+        :raises LeaseLost: if the server no longer has one, or does not answer.
+        """
+        ttl_ms = int(self.ttl * 1000)
+        for lease in leases:
+            late = time.monotonic() - lease.valid_until
+            if late < 0:
+                continue
+            try:
+                kept = await asyncio.wait_for(
+                    self.server.renew(lease.name, lease.holder, ttl_ms), ASK_TIMEOUT
+                )
+            except Exception as exc:
+                kept, why = False, f"no answer: {exc!r}"
+            else:
+                why = "the server no longer has it"
+            if not kept:
+                self.lost += 1
+                logger.warning(
+                    "batchtask: a call's lease %s (token %d) lapsed while the call "
+                    "ran (this process could not renew it for %.1f s past its "
+                    "validity; %s); the call's outcome is not kept and its items "
+                    "go back to the broker",
+                    lease.name,
+                    lease.token,
+                    late,
+                    why,
+                )
+                raise LeaseLost(lease.name)
 
     def _stop(self, call: "asyncio.Task[object]", lease: Lease, why: str) -> None:
         self.lost += 1

@@ -825,8 +825,9 @@ class NativePath:
         try:
             outcomes = await self._call(task, batch, every, call)
         except LeaseUnavailable:
-            # Not called: back to the broker, unacknowledged, for a worker
-            # that reaches the lease server (see batchtask._fleet).
+            # Not called, or called while its lease lapsed (LeaseLost: another
+            # process may have run them): back to the broker, unacknowledged,
+            # for a worker that holds the lease (see batchtask._fleet).
             for item in every:
                 self._release(item)
             return

@@ -288,8 +288,9 @@ class PostgresRedelivery:
         claimed, in one ``UPDATE``) and yielded with an ack that deletes its
         row. The claim sets the lease session's tag, so a worker killed right
         after it leaves a row the next sweep anywhere hands out again. It
-        waits up to `CONNECT_TIMEOUT` for the lease at first; without one, it
-        claims as ``'processing'`` and `noted` tags the row. A claim that fails
+        waits up to `CONNECT_TIMEOUT` for the lease at first; without one (or
+        while it is lost), it claims as ``'processing'`` and `noted` tags the
+        row once a lease is connected. A claim that fails
         on its connection is tried again once listening starts again (the
         error is raised: the receiver listens again after a delay); any other
         error is logged and the notification dropped, as taskiq-postgres does
@@ -308,7 +309,11 @@ class PostgresRedelivery:
             except ValueError:
                 logger.warning("batchtask: a notification of no row id: %r", payload)
                 continue
-            tag = self.tag or "processing"
+            lease = self._lease
+            # Without a live lease the tag may name a session that is gone:
+            # claimed as taskiq-postgres does, tagged once a lease is back.
+            live = lease is not None and not lease.is_closed()
+            tag = self.tag if live and self.tag is not None else "processing"
             before = self._unsure.pop(row, None)
             try:
                 async with broker._write_pool.acquire() as conn:
