@@ -178,7 +178,6 @@ class FleetLimits:
 
     async def _keep(self, leases: list[Lease], call: "asyncio.Task[object]") -> None:
         """Renew `leases` until cancelled; stop `call` if one cannot be kept."""
-        ttl_ms = int(self.ttl * 1000)
         while True:
             await asyncio.sleep(self.renew_every)
             for lease in leases:
@@ -187,20 +186,29 @@ class FleetLimits:
                     if left <= 0:
                         self._stop(call, lease, "no renewal in time")
                         return
-                    sent = time.monotonic()
                     try:
-                        kept = await asyncio.wait_for(
-                            self.server.renew(lease.name, lease.holder, ttl_ms),
-                            min(ASK_TIMEOUT, left),
-                        )
+                        kept = await self._renew(lease, min(ASK_TIMEOUT, left))
                     except Exception:  # a fault, or no answer in time: again
                         await asyncio.sleep(min(0.05, max(left, 0.0)))
                         continue
                     if not kept:
                         self._stop(call, lease, "the server no longer has it")
                         return
-                    lease.valid_until = sent + self.ttl - self.margin
                     break
+
+    async def _renew(self, lease: Lease, timeout: float) -> bool:
+        """Renew `lease` once, answered within `timeout`; whether the server had it.
+
+        Renewed, it is valid here for another lifetime less the margin, from
+        when the renewal was sent.
+        """
+        sent = time.monotonic()
+        kept = await asyncio.wait_for(
+            self.server.renew(lease.name, lease.holder, int(self.ttl * 1000)), timeout
+        )
+        if kept:
+            lease.valid_until = sent + self.ttl - self.margin
+        return kept
 
     async def _confirm(self, leases: list[Lease]) -> None:
         """Check that a call that returned held `leases` to its end.
@@ -211,15 +219,12 @@ class FleetLimits:
 
         :raises LeaseLost: if the server no longer has one, or does not answer.
         """
-        ttl_ms = int(self.ttl * 1000)
         for lease in leases:
             late = time.monotonic() - lease.valid_until
             if late < 0:
                 continue
             try:
-                kept = await asyncio.wait_for(
-                    self.server.renew(lease.name, lease.holder, ttl_ms), ASK_TIMEOUT
-                )
+                kept = await self._renew(lease, ASK_TIMEOUT)
             except Exception as exc:
                 kept, why = False, f"no answer: {exc!r}"
             else:
@@ -373,6 +378,8 @@ class Router:
         self.server = server
         self.ttl = ttl
         self.beat_every = min(BEAT_EVERY, ttl / 5)
+        self.margin = min(MARGIN, ttl * 0.3)
+        """How long before its membership expires this member stops trusting it."""
         self.member = f"{_PROCESS}:{uuid.uuid4().hex[:6]}"
         self.members: tuple[str, ...] = ()
         """The live members as last seen (empty: not routing)."""
@@ -448,7 +455,7 @@ class Router:
             self.stale_routes += 1
             self._warn(
                 f"batchtask: this worker's view of the fleet is "
-                f"{now - self.valid_until + self.ttl - self._margin:.1f} s old (its "
+                f"{now - self.valid_until + self.ttl - self.margin:.1f} s old (its "
                 "heartbeat is late); it batches what it receives, per process, "
                 "until a heartbeat goes through",
                 "stale",
@@ -545,7 +552,7 @@ class Router:
                         "joins"
                     )
             else:
-                self.valid_until = sent + self.ttl - self._margin
+                self.valid_until = sent + self.ttl - self.margin
                 members = tuple(live)
                 if members != self.members:
                     if self.members:
@@ -622,11 +629,6 @@ class Router:
         for key in stale:
             del self._rates[key]
             self._owners.pop(key, None)
-
-    @property
-    def _margin(self) -> float:
-        """How long before a membership expires this member stops trusting it."""
-        return min(MARGIN, self.ttl * 0.3)
 
     def _warn(self, text: str, kind: str = "beat") -> None:
         """Log `text`, once a minute for each `kind` of trouble."""
