@@ -90,6 +90,59 @@ async def test_deliveries_noted_out_of_tag_order_are_never_covered_unfinished() 
     assert channel.frames[2:] == [(4, True)]
 
 
+async def test_a_multiple_ack_never_covers_a_delivery_the_worker_has_not_seen() -> None:
+    """The queue's deliveries reach the worker through more hops than an
+    inbox's: tag 1 may still be on its way when 2 and 3, noted, are acked.
+    ``basic.ack(3, multiple=True)`` would ack 1 unfinished, and RabbitMQ
+    closes the channel when 1's own ack comes (an unknown tag)."""
+    channel = FakeChannel()
+    acks = Amqp(InMemoryBroker())
+    messages = {tag: FakeMessage(channel, tag) for tag in range(1, 7)}
+
+    def pairs(tags: list[int]) -> list[tuple[AckController, Any]]:
+        return [(AckController(messages[t].ack), messages[t].ack) for t in tags]
+
+    for tag in (2, 3):
+        acks.delivered(messages[tag].ack)
+    await acks.ack_many(pairs([2, 3]))
+    assert channel.frames == [(2, False), (3, False)], "1 was never seen"
+    acks.delivered(messages[1].ack)
+    acks.delivered(messages[4].ack)
+    await acks.ack_many(pairs([1, 4]))
+    assert channel.frames[2:] == [(4, True)], "1..4 seen: one frame again"
+    # 5 is handed back unseen (an inbox reader stopped); 6 is noted.
+    acks.handed_back(messages[5].ack)
+    acks.delivered(messages[6].ack)
+    await acks.ack_many(pairs([6]))
+    assert channel.frames[3:] == [(6, True)], "a handed-back tag holds no gap"
+
+
+async def test_a_tag_never_noted_stops_multiple_acks_only_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tag the tracker never hears of (settled outside it) would make every
+    later ack a frame of its own, and its later tags a growing set; after
+    `GAP_GIVEN_UP_AFTER` tags past it, it is taken as settled."""
+    import batchtask.brokers.amqp as amqp
+
+    monkeypatch.setattr(amqp, "GAP_GIVEN_UP_AFTER", 4)
+    channel = FakeChannel()
+    acks = Amqp(InMemoryBroker())
+    messages = {tag: FakeMessage(channel, tag) for tag in range(1, 12)}
+
+    def pairs(tags: list[int]) -> list[tuple[AckController, Any]]:
+        return [(AckController(messages[t].ack), messages[t].ack) for t in tags]
+
+    for tag in (2, 3):  # 1 is never noted
+        acks.delivered(messages[tag].ack)
+    await acks.ack_many(pairs([2, 3]))
+    assert channel.frames == [(2, False), (3, False)]
+    for tag in range(4, 12):
+        acks.delivered(messages[tag].ack)
+    await acks.ack_many(pairs(list(range(4, 12))))
+    assert channel.frames[2:] == [(11, True)], "the gap was given up"
+
+
 @pytest.mark.parametrize("slow_key", [False, True], ids=["one key", "a slow key"])
 async def test_a_rabbitmq_worker_acks_batches_in_few_frames_and_leaves_nothing(
     slow_key: bool,

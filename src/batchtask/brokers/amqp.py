@@ -123,12 +123,25 @@ class Amqp(PerMessage):
         target = _amqp_target(ack)
         if target is None:
             return False
-        channel, tag = target
+        self._state(target[0]).note(target[1])
+        return True
+
+    def handed_back(self, ack: RawAck | None) -> None:
+        """A delivery the worker never took, settled without the tracker.
+
+        Given back to its queue: its tag no longer holds a gap.
+        """
+        target = _amqp_target(ack)
+        if target is None:
+            return
+        self._state(target[0]).seen(target[1])
+
+    def _state(self, channel: Any) -> "_Channel":
+        """What the tracker knows of aiormq channel `channel`."""
         state = self._channels.get(id(channel))
         if state is None or state.channel is not channel:
             state = self._channels[id(channel)] = _Channel(channel)
-        state.note(tag)
-        return True
+        return state
 
     def redelivered(self, data: Delivery) -> bool | None:
         """AMQP's ``redelivered`` flag.
@@ -184,11 +197,7 @@ class Amqp(PerMessage):
         for key, members in by_channel.items():
             state = self._channels[key]
             tags = {tag for _, tag in members}
-            covered: list[int] = []
-            for tag in state.unacked:
-                if tag not in tags:
-                    break
-                covered.append(tag)
+            covered = state.leading(tags)
             for tag in tags:
                 del state.unacked[tag]
             single = sorted(tags.difference(covered))
@@ -247,7 +256,16 @@ class Amqp(PerMessage):
 
 
 class _Channel:
-    """One AMQP channel's deliveries not acked yet, by delivery tag."""
+    """One AMQP channel's deliveries not acked yet, by delivery tag.
+
+    A channel numbers its deliveries 1, 2, 3... across its consumers (the
+    queue and a fleet inbox); the worker may see them in another order.
+    A ``multiple=True`` ack of tag ``t`` acks every unacked tag up to ``t``,
+    so it is sent only where every tag up to ``t`` was noted (`seen_through`):
+    a delivery numbered lower that has not reached the worker yet is never
+    acked with it, unfinished (RabbitMQ would then refuse its own ack, as an
+    unknown tag, and close the channel: its deliveries would come back).
+    """
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
@@ -255,6 +273,10 @@ class _Channel:
         """The tags not acked yet, lowest first: a ``multiple=True`` ack of a
         tag covers every lower one."""
         self.last = 0
+        self.seen_through = 0
+        """Every tag up to this one was noted (or settled without the worker)."""
+        self._seen_after: set[int] = set()
+        """Tags noted above a gap (a tag not noted yet)."""
         self.lock = asyncio.Lock()
 
     def note(self, tag: int) -> None:
@@ -269,6 +291,47 @@ class _Channel:
             self.unacked = dict.fromkeys(sorted(self.unacked))
         else:
             self.last = tag
+        self.seen(tag)
+
+    def seen(self, tag: int) -> None:
+        """`tag` reached the worker (noted, or handed back without it)."""
+        if tag != self.seen_through + 1:
+            if tag > self.seen_through:
+                self._seen_after.add(tag)
+                if len(self._seen_after) > GAP_GIVEN_UP_AFTER:
+                    self._close_gap()
+            return
+        self.seen_through = tag
+        after = self._seen_after
+        while self.seen_through + 1 in after:
+            self.seen_through += 1
+            after.discard(self.seen_through)
+
+    def _close_gap(self) -> None:
+        """Take long-missing tags as settled where the tracker did not see it.
+
+        A consumer's buffer is handed back as its iterator closes: tags
+        missing while `GAP_GIVEN_UP_AFTER` later ones were noted are taken as
+        seen, lowest first, until half as many wait above a gap.
+        """
+        while len(self._seen_after) > GAP_GIVEN_UP_AFTER // 2:
+            self.seen(self.seen_through + 1)
+
+    def leading(self, tags: set[int]) -> list[int]:
+        """The unacked tags one ``multiple=True`` ack of the last may cover.
+
+        Lowest first: all in `tags`, none past `seen_through`.
+        """
+        covered: list[int] = []
+        for tag in self.unacked:
+            if tag not in tags or tag > self.seen_through:
+                break
+            covered.append(tag)
+        return covered
+
+
+GAP_GIVEN_UP_AFTER = 65_536
+"""Tags noted past a missing one before the tracker takes it as settled."""
 
 
 def _amqp_target(ack: RawAck | None) -> tuple[Any, int] | None:
@@ -564,10 +627,15 @@ class AmqpRoutes:
         message = getattr(getattr(data, "ack", None), "__self__", None)
         return message is not None and self._from_inbox(message)
 
-    @staticmethod
-    async def _give_back(data: Delivery) -> None:
-        """An inbox's delivery nobody took, back to the inbox."""
-        message: Any = getattr(getattr(data, "ack", None), "__self__", None)
+    async def _give_back(self, data: Delivery) -> None:
+        """An inbox's delivery nobody took, back to the inbox.
+
+        The tracker counts its tag as seen: a later ``multiple=True`` ack
+        may cover it (it is not unacked any more).
+        """
+        ack = getattr(data, "ack", None)
+        message: Any = getattr(ack, "__self__", None)
+        self.adapter.handed_back(ack)
         await message.nack(requeue=True)
 
     def listen(self, main: AsyncIterator[Delivery]) -> AsyncIterator[Delivery]:
