@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -238,25 +240,99 @@ async def remove_queue(app: ModuleType, queue: str) -> None:
 
 
 async def explain(
-    queue: str, kind: str, total: int, workers: list[subprocess.Popen[bytes]]
-) -> None:
+    queue: str,
+    kind: str,
+    total: int,
+    workers: list[subprocess.Popen[bytes]],
+    since: float | None = None,
+) -> str:
     """Print what a stuck run holds: the items not processed, what the
-    queue's consumers (and the fleet's inboxes, on Redis) still hold, the
-    rows left in a PostgreSQL queue's table (and whose sessions are alive),
-    and the end of each worker's log. A diagnosis only: it never raises."""
+    queue's consumers (and the fleet's inboxes, on Redis and RabbitMQ) still
+    hold, the rows left in a PostgreSQL queue's table (and whose sessions are
+    alive), what RabbitMQ's log said since `since`, and the end of each
+    worker's log. A diagnosis only: it never raises. Returns its first lines
+    in one (for an assertion's message, which CI shows whole)."""
     counts = await processed(queue)
     missing = sorted(set(range(total)) - set(counts))
-    print(f"not processed: {len(missing)} of {total}, first {missing[:20]}")
+    summary = [f"not processed: {len(missing)} of {total}, first {missing[:20]}"]
+    print(summary[0])
     try:
         if kind in ("stream", "cluster", "sentinel"):
             await _explain_streams(queue, kind)
         elif kind == "postgres":
             await _explain_table(queue)
+        elif kind == "rabbitmq":
+            summary += _explain_amqp(queue)
     except Exception as exc:
         print(f"could not read what the broker holds: {exc!r}")
+    if kind == "rabbitmq" and since is not None:
+        summary += rabbitmq_trouble(since)
     for worker in workers:
         tail = worker_log(worker).splitlines()[-40:]
         print(f"--- worker {worker.pid} (exit {worker.poll()}):", *tail, sep="\n")
+    return "; ".join(summary)
+
+
+def _explain_amqp(queue: str) -> list[str]:
+    """The RabbitMQ queues of `queue` (the queue, the fleet's inboxes): ready,
+    unacknowledged, consumers."""
+    found = subprocess.run(
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    lines = [
+        "{} ready {} unacked {} consumers {}".format(*line.split()[:4])
+        for line in found.stdout.splitlines()
+        if queue in line and len(line.split()) >= 4
+    ]
+    print(*lines, sep="\n")
+    return lines
+
+
+RABBITMQ_LOGS = Path("/var/log/rabbitmq")
+TROUBLE = ("channel exception", "alarm set", "resource limit")
+"""What RabbitMQ logs when it closes a channel or holds publishers back."""
+
+
+def rabbitmq_trouble(since: float) -> list[str]:
+    """RabbitMQ's log lines since `since` (``time.time()``) that say it
+    closed a channel or held publishers back, counted by text; [] where its
+    log is not readable here."""
+    counted: dict[str, int] = {}
+    try:
+        logs = [p for p in RABBITMQ_LOGS.glob("*.log") if "upgrade" not in p.name]
+        for log in logs:
+            with log.open(errors="replace") as lines:
+                for line in lines:
+                    if not any(text in line for text in TROUBLE) or not any(
+                        level in line[:48] for level in ("[error]", "[warning]")
+                    ):
+                        continue
+                    try:
+                        at = datetime.fromisoformat(line.split(" [", 1)[0])
+                    except ValueError:
+                        continue
+                    if at.timestamp() < since - 1:
+                        continue
+                    text = line.split("> ", 1)[-1].strip()
+                    text = re.sub(r"batchtask-test-[0-9a-f]{8}", "<a test queue>", text)
+                    counted[text] = counted.get(text, 0) + 1
+    except OSError:
+        return []
+    found = [f"rabbitmq log: {n} x {text}" for text, n in counted.items()]
+    print(*found, sep="\n")
+    return found[:5]
 
 
 async def _explain_streams(queue: str, kind: str) -> None:
