@@ -290,10 +290,9 @@ def calls_of(found: dict[str, Any], values: set[int]) -> list[str]:
     """Each call that was passed one of `values`: the values it had of them,
     its pid, its start (seconds after the traffic began) and how it ended."""
     return [
-        f"{sorted(values & {int(v) for v in vals.split(',')})} in pid {pid} "
-        f"at {start - found['began']:.2f} s ({how})"
+        f"{sorted(had)} in pid {pid} at {start - found['began']:.2f} s ({how})"
         for _, start, _, pid, vals, how in found["spans"]
-        if values & {int(v) for v in vals.split(",")}
+        if (had := values & {int(v) for v in vals.split(",")})
     ]
 
 

@@ -57,6 +57,14 @@ PAUSES = (0.01, 0.02, 0.04, 0.08, 0.1)
 """Pauses between asks for a full name (the last one repeats)."""
 
 
+def margin_for(ttl: float) -> float:
+    """Seconds before a lease or membership could expire that it is not trusted.
+
+    `MARGIN`, or 30% of a shorter `ttl` (seconds).
+    """
+    return min(MARGIN, ttl * 0.3)
+
+
 class LeaseUnavailable(Exception):
     """The lease server did not answer for longer than a lease lasts."""
 
@@ -94,7 +102,7 @@ class FleetLimits:
         self.server = server
         self.ttl = ttl
         self.renew_every = min(RENEW_EVERY, ttl / 5)
-        self.margin = min(MARGIN, ttl * 0.3)
+        self.margin = margin_for(ttl)
         self._held = 0
         self._warned_at = -1e9
         self.granted = 0
@@ -378,7 +386,7 @@ class Router:
         self.server = server
         self.ttl = ttl
         self.beat_every = min(BEAT_EVERY, ttl / 5)
-        self.margin = min(MARGIN, ttl * 0.3)
+        self.margin = margin_for(ttl)
         """How long before its membership expires this member stops trusting it."""
         self.member = f"{_PROCESS}:{uuid.uuid4().hex[:6]}"
         self.members: tuple[str, ...] = ()

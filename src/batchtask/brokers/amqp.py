@@ -308,7 +308,7 @@ class _Channel:
             after.discard(self.seen_through)
 
     def _close_gap(self) -> None:
-        """Take long-missing tags as settled where the tracker did not see it.
+        """Take long-missing tags as settled where the tracker did not see them.
 
         A consumer's buffer is handed back as its iterator closes: tags
         missing while `GAP_GIVEN_UP_AFTER` later ones were noted are taken as
